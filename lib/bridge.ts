@@ -1,0 +1,230 @@
+import type { Socket } from 'node:net'
+import type { FastifyBaseLogger } from 'fastify'
+import WebSocket from 'ws'
+import type { ResolvedRoute } from './options'
+import type { Heartbeat } from './heartbeat'
+import { TextFramer } from './text-frame'
+
+/** Bytes the gateway lets queue towards a client before it stops reading the upstream. */
+export const CLIENT_HIGH_WATER = 512 * 1024
+
+const kBridge = Symbol('wstunnel.bridge')
+const BINARY = { binary: true }
+const TEXT = { binary: false }
+
+type Tagged<T> = T & { [kBridge]: Bridge }
+
+function bridgeOf (emitter: WebSocket | Socket): Bridge {
+  return (emitter as Tagged<WebSocket | Socket>)[kBridge]
+}
+export type ClosedBy = 'client' | 'upstream' | 'gateway'
+
+/** Where a bridge reports: the set of open bridges, the route's heartbeat, the request's logger. */
+export interface BridgeContext {
+  route: ResolvedRoute
+  log: FastifyBaseLogger
+  client: string
+  bridges: Set<Bridge>
+  heartbeat: Heartbeat | null
+  preambleLength: number
+}
+
+/** Pumps bytes both ways between an accepted WebSocket and its connected upstream socket,
+ *  with backpressure each way, and closes each side when the other ends. */
+export class Bridge {
+  alive = true
+  corked = false
+  closedBy: ClosedBy | undefined
+  code: number | undefined
+  reason = ''
+  private open = 2 // the WebSocket and the upstream; the summary is logged when both have closed
+  private readonly started = Date.now()
+  readonly framer: TextFramer | null
+  readonly sendOptions: typeof BINARY
+
+  constructor (readonly ws: WebSocket, readonly upstream: Socket, readonly context: BridgeContext) {
+    const route = context.route
+    this.framer = route.frame === 'text' ? new TextFramer(route.invalidUtf8) : null
+    this.sendOptions = route.frame === 'text' ? TEXT : BINARY
+    ;(ws as Tagged<WebSocket>)[kBridge] = this
+    ;(upstream as Tagged<Socket>)[kBridge] = this
+    // Listeners go on synchronously: the client may already have sent its first message.
+    ws.on('message', clientOnMessage)
+    ws.on('close', clientOnClose)
+    ws.on('error', clientOnError)
+    ws.on('pong', clientOnPong)
+    upstream.on('data', upstreamOnData)
+    upstream.on('drain', upstreamOnDrain)
+    upstream.on('end', upstreamOnEnd)
+    upstream.on('error', upstreamOnError)
+    upstream.on('close', upstreamOnClose)
+    upstream.on('timeout', upstreamOnTimeout)
+    // No traffic either way means no traffic on the upstream socket, so its timer is the idle timer.
+    if (route.idleTimeout > 0) upstream.setTimeout(route.idleTimeout)
+    context.bridges.add(this)
+    context.heartbeat?.add(this)
+    context.log.info({ route: route.path, client: context.client, upstream: route.upstream.label }, 'wstunnel bridge open')
+  }
+
+  /** Closes the client with `code` and records who decided it, unless a side already did. */
+  close (code: number, reason: string, by: ClosedBy): void {
+    if (this.closedBy === undefined) {
+      this.closedBy = by
+      this.code = code
+      this.reason = reason
+    }
+    if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) this.ws.close(code, reason)
+  }
+
+  /** Called by the heartbeat: pings, or terminates a client that did not answer the last ping. */
+  beat (): void {
+    if (!this.alive) {
+      this.close(1006, 'no pong', 'gateway')
+      this.ws.terminate()
+      return
+    }
+    this.alive = false
+    this.ws.ping()
+  }
+
+  /** Closes the client with 1001 and drops the upstream, for server shutdown. */
+  shutdown (): void {
+    this.close(1001, 'server shutting down', 'gateway')
+    this.upstream.destroy()
+  }
+
+  /** Bytes queued in the gateway for this connection, both ways. */
+  bufferedBytes (): number {
+    return this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
+  }
+
+  settle (): void {
+    if (--this.open > 0) return
+    const { route, client, preambleLength } = this.context
+    this.context.log.info({
+      route: route.path,
+      client,
+      upstream: route.upstream.label,
+      clientToUpstream: Math.max(0, this.upstream.bytesWritten - preambleLength),
+      upstreamToClient: this.upstream.bytesRead,
+      durationMs: Date.now() - this.started,
+      code: this.code,
+      closedBy: this.closedBy,
+      reason: this.reason
+    }, 'wstunnel bridge closed')
+  }
+}
+
+function clientOnMessage (this: WebSocket, data: Buffer): void {
+  const bridge = bridgeOf(this)
+  const upstream = bridge.upstream
+  bridge.alive = true
+  if (!upstream.writable) return
+  // Messages parsed from one read go out in one write.
+  if (!bridge.corked) {
+    bridge.corked = true
+    upstream.cork()
+    process.nextTick(uncork, bridge)
+  }
+  if (!upstream.write(data)) this.pause()
+}
+
+function uncork (bridge: Bridge): void {
+  bridge.corked = false
+  bridge.upstream.uncork()
+}
+
+function upstreamOnDrain (this: Socket): void {
+  bridgeOf(this).ws.resume()
+}
+
+function upstreamOnData (this: Socket, chunk: Buffer): void {
+  const bridge = bridgeOf(this)
+  const ws = bridge.ws
+  if (ws.readyState !== WebSocket.OPEN) return // the client is gone; the upstream is being drained to its end
+  let payload: Buffer | string | null = chunk
+  if (bridge.framer !== null) {
+    payload = bridge.framer.push(chunk)
+    if (payload === null) return invalidText(bridge)
+    if (payload.length === 0) return
+  }
+  if (ws.bufferedAmount + chunk.length > CLIENT_HIGH_WATER) {
+    // Stop reading until this frame reaches the kernel: the client sets the pace.
+    this.pause()
+    ws.send(payload, bridge.sendOptions, () => this.resume())
+  } else {
+    ws.send(payload, bridge.sendOptions)
+  }
+}
+
+function invalidText (bridge: Bridge): void {
+  bridge.context.log.warn({ route: bridge.context.route.path, upstream: bridge.context.route.upstream.label }, 'upstream sent bytes that are not UTF-8 on a text route')
+  bridge.close(1007, 'upstream sent invalid UTF-8', 'upstream')
+  bridge.upstream.destroy()
+}
+
+function upstreamOnEnd (this: Socket): void {
+  const bridge = bridgeOf(this)
+  if (bridge.ws.readyState !== WebSocket.OPEN) return
+  if (bridge.framer !== null) {
+    const rest = bridge.framer.end()
+    if (rest === null) return invalidText(bridge)
+    if (rest.length > 0) bridge.ws.send(rest, TEXT)
+  }
+  bridge.close(1000, '', 'upstream')
+}
+
+function upstreamOnError (this: Socket, err: NodeJS.ErrnoException): void {
+  bridgeOf(this).close(1011, `upstream error ${err.code ?? ''}`.trim(), 'upstream')
+}
+
+function upstreamOnClose (this: Socket, hadError: boolean): void {
+  const bridge = bridgeOf(this)
+  bridge.close(hadError ? 1011 : 1000, '', 'upstream')
+  bridge.context.heartbeat?.delete(bridge)
+  bridge.settle()
+}
+
+function upstreamOnTimeout (this: Socket): void {
+  const bridge = bridgeOf(this)
+  if (bridge.ws.readyState === WebSocket.OPEN) bridge.close(1000, 'idle', 'gateway')
+  // Either idle, or the client has gone and the upstream did not finish within closeTimeout.
+  this.destroy()
+}
+
+function clientOnClose (this: WebSocket, code: number, reason: Buffer): void {
+  const bridge = bridgeOf(this)
+  if (bridge.closedBy === undefined) {
+    bridge.closedBy = 'client'
+    bridge.code = code
+    bridge.reason = reason.toString()
+  }
+  bridge.context.bridges.delete(bridge)
+  bridge.context.heartbeat?.delete(bridge)
+  const upstream = bridge.upstream
+  if (!upstream.destroyed) {
+    const grace = bridge.context.route.closeTimeout
+    if (grace === 0) {
+      upstream.destroy()
+    } else {
+      // Half-close: the upstream reads EOF and may finish; it is destroyed when it ends or after the grace.
+      upstream.end()
+      upstream.setTimeout(grace)
+      upstream.resume()
+    }
+  }
+  bridge.settle()
+}
+
+function clientOnError (this: WebSocket, err: Error & { code?: string }): void {
+  // ws has already answered a bad frame with the right close code (1002, 1007, 1009).
+  const bridge = bridgeOf(this)
+  if (bridge.closedBy === undefined) {
+    bridge.closedBy = 'gateway'
+    bridge.reason = err.code ?? err.message
+  }
+}
+
+function clientOnPong (this: WebSocket): void {
+  bridgeOf(this).alive = true
+}

@@ -1,0 +1,191 @@
+import Type, { type Static, type TSchema } from 'typebox'
+import { Compile } from 'typebox/compile'
+import { Settings } from 'typebox/system'
+import { InvalidOptionsError } from './errors'
+
+// Every problem is reported, not only the first eight.
+Settings.Set({ maxErrors: 1000 })
+
+const PORT = '([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])'
+
+const UpstreamString = Type.String({
+  pattern: `^(unix:.+|\\[[0-9A-Fa-f:.]+\\]:${PORT}|[^\\s:\\[\\]/]+:${PORT})$`,
+  errorMessage: "must be 'host:port', '[ipv6]:port' (port 1 to 65535) or 'unix:/path'"
+})
+const Port = Type.Integer({ minimum: 1, maximum: 65535 })
+
+/** Where a route's TCP service lives. */
+export const UpstreamSchema = Type.Union([
+  UpstreamString,
+  Type.Object({ host: Type.String({ minLength: 1 }), port: Port }, { additionalProperties: false }),
+  Type.Object({ path: Type.String({ minLength: 1 }) }, { additionalProperties: false })
+], { errorMessage: "must be 'host:port', '[ipv6]:port', 'unix:/path', { host, port } or { path }" })
+
+const Millis = (fallback: number) => Type.Integer({ minimum: 0, maximum: 2147483647, default: fallback })
+
+// Settings a route may set and the plugin may set for all routes; the defaults live here once.
+const routeSettings = {
+  frame: Type.Enum(['binary', 'text'], { default: 'binary' }),
+  invalidUtf8: Type.Enum(['close', 'replace'], { default: 'close' }),
+  connectTimeout: Millis(10000),
+  idleTimeout: Millis(0),
+  pingInterval: Millis(30000),
+  closeTimeout: Millis(2000)
+}
+
+const RouteSchema = Type.Object({
+  upstream: UpstreamSchema,
+  ...optional(routeSettings)
+}, { additionalProperties: false })
+
+/** The plugin's options; JSON-able, so a config file can hold them. */
+export const OptionsSchema = Type.Object({
+  routes: Type.Record(Type.String({ pattern: '^/\\S*$' }), RouteSchema, {
+    additionalProperties: false,
+    keyMessage: "is not a route path (it must start with '/' and hold no spaces)"
+  }),
+  maxPayload: Type.Integer({ minimum: 1, maximum: 2147483647, default: 1048576 }),
+  ...routeSettings
+}, { additionalProperties: false })
+
+export type UpstreamOption = Static<typeof UpstreamSchema>
+export type RouteOptions = Static<typeof RouteSchema>
+export type FastifyWstunnelOptions = Partial<Static<typeof OptionsSchema>> & { routes: Record<string, RouteOptions> }
+
+type RouteSettings = { [K in keyof typeof routeSettings]: Static<(typeof routeSettings)[K]> }
+
+/** A TCP or unix-socket address, parsed once. */
+export type UpstreamTarget = { host: string, port: number, label: string } | { path: string, label: string }
+
+/** A route's options with the plugin's defaults applied and its upstream parsed. */
+export interface ResolvedRoute extends RouteSettings {
+  path: string
+  upstream: UpstreamTarget
+}
+
+export interface ResolvedOptions {
+  maxPayload: number
+  routes: ResolvedRoute[]
+}
+
+const check = Compile(OptionsSchema)
+// Value.Default trips over a Record with additionalProperties: false, and only top-level keys have defaults.
+const defaultSettings = Object.fromEntries(Object.entries(OptionsSchema.properties)
+  .filter(([, schema]) => 'default' in schema).map(([key, schema]) => [key, (schema as unknown as { default: unknown }).default]))
+
+/** Validates raw options, applies defaults and parses upstreams.
+ *  Throws one FST_WSTUNNEL_INVALID_OPTIONS error listing every problem. */
+export function resolveOptions (raw: unknown): ResolvedOptions {
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
+    throw new InvalidOptionsError('options: must be an object with a "routes" object')
+  }
+  const options = { ...defaultSettings, ...raw } as Static<typeof OptionsSchema>
+  if (!check.Check(options)) {
+    throw new InvalidOptionsError(describeErrors(OptionsSchema, [...check.Errors(options)]).join('\n'))
+  }
+  const defaults: Record<string, unknown> = { ...options }
+  delete defaults.routes
+  delete defaults.maxPayload
+  const routes = Object.entries(options.routes).map(([path, route]) => ({
+    ...(defaults as RouteSettings),
+    ...route,
+    path,
+    upstream: parseUpstream(route.upstream)
+  }))
+  return { maxPayload: options.maxPayload, routes }
+}
+
+/** Turns any accepted upstream form into a target with a printable label. */
+export function parseUpstream (upstream: UpstreamOption): UpstreamTarget {
+  if (typeof upstream === 'object') {
+    if ('path' in upstream) return { path: upstream.path, label: `unix:${upstream.path}` }
+    const host = upstream.host.replace(/^\[(.*)\]$/, '$1')
+    return { host, port: upstream.port, label: host.includes(':') ? `[${host}]:${upstream.port}` : `${host}:${upstream.port}` }
+  }
+  if (upstream.startsWith('unix:')) return { path: upstream.slice(5), label: upstream }
+  const colon = upstream.lastIndexOf(':')
+  const host = upstream.slice(0, colon).replace(/^\[(.*)\]$/, '$1')
+  return { host, port: Number(upstream.slice(colon + 1)), label: upstream }
+}
+
+function optional<T extends Record<string, TSchema>> (properties: T): { [K in keyof T]: ReturnType<typeof Type.Optional<T[K]>> } {
+  const result: Record<string, TSchema> = {}
+  for (const [key, schema] of Object.entries(properties)) {
+    const copy = { ...schema } as Record<string, unknown>
+    delete copy.default // a route inherits the plugin-wide value, so it has no default of its own
+    result[key] = Type.Optional(copy as unknown as TSchema)
+  }
+  return result as { [K in keyof T]: ReturnType<typeof Type.Optional<T[K]>> }
+}
+
+interface SchemaError {
+  keyword: string
+  schemaPath: string
+  instancePath: string
+  params: Record<string, unknown>
+  message: string
+}
+
+/** Turns schema errors into lines like `routes['/vnc'].upstream.port: must be an integer from 1 to 65535`. */
+export function describeErrors (schema: TSchema, errors: SchemaError[]): string[] {
+  const dropped = new Set<SchemaError>()
+  // For a union, report only the branch whose shape fits the value, or the union's own message.
+  for (const union of errors.filter(error => error.keyword === 'anyOf')) {
+    const inside = errors.filter(error => error.schemaPath.startsWith(union.schemaPath + '/anyOf/') &&
+      error.instancePath.startsWith(union.instancePath))
+    const branchOf = (error: SchemaError) => error.schemaPath.slice(union.schemaPath.length + 7).split('/')[0]
+    const misshapen = new Set(inside.filter(error => error.instancePath === union.instancePath && error.keyword === 'type').map(branchOf))
+    // Of the branches whose type fits, the one whose errors reach deepest into the value is the one meant.
+    let fitting: SchemaError | undefined
+    for (const error of inside) {
+      if (!misshapen.has(branchOf(error)) && (fitting === undefined || error.instancePath.length > fitting.instancePath.length)) fitting = error
+    }
+    for (const error of inside) if (fitting === undefined || branchOf(error) !== branchOf(fitting)) dropped.add(error)
+    if (fitting !== undefined) dropped.add(union)
+  }
+  const lines: string[] = []
+  for (const error of errors) {
+    if (dropped.has(error) || error.keyword === 'boolean') continue // 'boolean' repeats an additionalProperties error
+    const node = resolvePointer(schema, error.schemaPath) as Record<string, unknown> | undefined
+    const at = formatPath(error.instancePath)
+    if (error.keyword === 'additionalProperties') {
+      const message = typeof node?.keyMessage === 'string' ? node.keyMessage : 'is not a known option'
+      for (const key of error.params.additionalProperties as string[]) lines.push(`${joinPath(at, key)}: ${message}`)
+    } else if (error.keyword === 'required') {
+      for (const key of error.params.requiredProperties as string[]) lines.push(`${joinPath(at, key)}: is required`)
+    } else {
+      lines.push(`${at || 'options'}: ${explain(error, node)}`)
+    }
+  }
+  return [...new Set(lines)]
+}
+
+function explain (error: SchemaError, node: Record<string, unknown> | undefined): string {
+  if (typeof node?.errorMessage === 'string') return node.errorMessage
+  if (node?.type === 'integer' && node.minimum !== undefined && node.maximum !== undefined) {
+    return `must be an integer from ${String(node.minimum)} to ${String(node.maximum)}`
+  }
+  if (Array.isArray(node?.enum)) return `must be one of ${node.enum.map(value => JSON.stringify(value)).join(', ')}`
+  return error.message
+}
+
+function resolvePointer (schema: unknown, pointer: string): unknown {
+  let node = schema
+  for (const segment of pointer.replace(/^#\/?/, '').split('/')) {
+    if (segment === '' || node === null || typeof node !== 'object') continue
+    node = (node as Record<string, unknown>)[segment.replace(/~1/g, '/').replace(/~0/g, '~')]
+  }
+  return node
+}
+
+function formatPath (pointer: string): string {
+  let path = ''
+  for (const segment of pointer.split('/').slice(1)) path = joinPath(path, segment.replace(/~1/g, '/').replace(/~0/g, '~'))
+  return path
+}
+
+function joinPath (path: string, key: string): string {
+  if (/^[A-Za-z_$][\w$]*$/.test(key)) return path === '' ? key : `${path}.${key}`
+  if (/^\d+$/.test(key)) return `${path}[${key}]`
+  return `${path}[${JSON.stringify(key).replace(/^"|"$/g, "'")}]`
+}

@@ -1,0 +1,156 @@
+import { once } from 'node:events'
+import { createServer, type Server, type Socket } from 'node:net'
+import { Writable } from 'node:stream'
+import Fastify, { type FastifyInstance } from 'fastify'
+import WebSocket, { type ClientOptions } from 'ws'
+import wstunnel, { type FastifyWstunnelOptions } from '../lib/index'
+
+/** A real TCP server on 127.0.0.1 that remembers its sockets and counts connections. */
+export interface TcpServer {
+  port: number
+  address: string
+  server: Server
+  sockets: Set<Socket>
+  connections: number
+  /** Resolves with the next socket the server accepts. */
+  nextSocket (): Promise<Socket>
+  close (): Promise<void>
+}
+
+export async function startTcp (onSocket: (socket: Socket) => void = () => {}): Promise<TcpServer> {
+  const sockets = new Set<Socket>()
+  const waiting: Array<(socket: Socket) => void> = []
+  const server = createServer((socket) => {
+    tcp.connections++
+    sockets.add(socket)
+    socket.on('error', () => {})
+    socket.on('close', () => sockets.delete(socket))
+    onSocket(socket)
+    waiting.shift()?.(socket)
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const port = (server.address() as { port: number }).port
+  const tcp: TcpServer = {
+    port,
+    address: `127.0.0.1:${port}`,
+    server,
+    sockets,
+    connections: 0,
+    nextSocket: () => new Promise(resolve => waiting.push(resolve)),
+    async close () {
+      for (const socket of sockets) socket.destroy()
+      await new Promise(resolve => server.close(resolve))
+    }
+  }
+  return tcp
+}
+
+/** An echo server: every byte comes back. */
+export function startEcho (): Promise<TcpServer> {
+  return startTcp(socket => socket.pipe(socket))
+}
+
+/** Log lines written by Fastify's logger, parsed. */
+export class LogCapture extends Writable {
+  lines: Array<Record<string, unknown>> = []
+  _write (chunk: Buffer, _encoding: string, callback: () => void): void {
+    for (const line of chunk.toString().split('\n')) if (line !== '') this.lines.push(JSON.parse(line))
+    callback()
+  }
+
+  find (msg: string): Array<Record<string, unknown>> {
+    return this.lines.filter(line => line.msg === msg)
+  }
+}
+
+export interface Gateway {
+  app: FastifyInstance
+  url: string
+  logs: LogCapture
+}
+
+/** Starts Fastify with the plugin on 127.0.0.1 and an ephemeral port. */
+export async function startGateway (options: FastifyWstunnelOptions, setup?: (app: FastifyInstance) => void | Promise<void>): Promise<Gateway> {
+  const logs = new LogCapture()
+  const app = Fastify({ logger: { level: 'info', stream: logs } })
+  if (setup !== undefined) await setup(app)
+  await app.register(wstunnel, options)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  return { app, url: `ws://127.0.0.1:${port}`, logs }
+}
+
+/** A client whose messages are collected from the first one on, even those that arrive with the handshake. */
+export type Client = WebSocket & { inbox: Array<{ data: Buffer, isBinary: boolean }> }
+
+/** Opens a WebSocket and resolves once it is open; rejects with the HTTP status if the handshake is refused. */
+export function openClient (url: string, protocols?: string | string[], options?: ClientOptions): Promise<Client> {
+  return new Promise((resolve, reject) => {
+    const ws = Object.assign(new WebSocket(url, protocols, options), { inbox: [] as Client['inbox'] })
+    ws.on('message', (data: Buffer, isBinary: boolean) => ws.inbox.push({ data, isBinary }))
+    ws.once('open', () => resolve(ws))
+    ws.once('unexpected-response', (_request, response) => {
+      let body = ''
+      response.on('data', (chunk: Buffer) => { body += chunk.toString() })
+      response.on('end', () => {
+        ws.terminate()
+        reject(Object.assign(new Error(`HTTP ${String(response.statusCode)}`), { statusCode: response.statusCode, body }))
+      })
+    })
+    ws.once('error', reject)
+  })
+}
+
+/** The text of every message the client has received so far. */
+export function texts (ws: Client): string[] {
+  return ws.inbox.map(message => message.data.toString())
+}
+
+/** Resolves with the client's close code and reason. */
+export async function closed (ws: WebSocket): Promise<{ code: number, reason: string }> {
+  if (ws.readyState === WebSocket.CLOSED) throw new Error('already closed')
+  const [code, reason] = await once(ws, 'close') as [number, Buffer]
+  return { code, reason: reason.toString() }
+}
+
+/** Collects everything the client receives until `bytes` have arrived. */
+export function receiveBytes (ws: WebSocket, bytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let length = 0
+    ws.on('message', (data: Buffer) => {
+      chunks.push(data)
+      length += data.length
+      if (length >= bytes) resolve(Buffer.concat(chunks))
+    })
+    ws.once('close', () => reject(new Error(`closed after ${length} of ${bytes} bytes`)))
+  })
+}
+
+/** Reads from a TCP socket until `bytes` have arrived. */
+export function readBytes (socket: Socket, bytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let length = 0
+    const onData = (chunk: Buffer): void => {
+      chunks.push(chunk)
+      length += chunk.length
+      if (length >= bytes) {
+        socket.removeListener('data', onData)
+        resolve(Buffer.concat(chunks))
+      }
+    }
+    socket.on('data', onData)
+    socket.once('close', () => reject(new Error(`socket closed after ${length} of ${bytes} bytes`)))
+  })
+}
+
+/** Resolves when `predicate` holds, polling every 10 ms; rejects after `timeout` ms. */
+export async function waitFor (predicate: () => boolean, timeout = 3000): Promise<void> {
+  const deadline = Date.now() + timeout
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time')
+    await new Promise(resolve => setTimeout(resolve, 10))
+  }
+}
