@@ -66,20 +66,25 @@ export class Bridge {
     context.log.info({ route: route.path, client: context.client, upstream: route.upstream.label }, 'wstunnel bridge open')
   }
 
-  /** Closes the client with `code` and records who decided it, unless a side already did. */
-  close (code: number, reason: string, by: ClosedBy): void {
+  /** Records how the connection ended, unless a side already did. */
+  record (code: number, reason: string, by: ClosedBy): void {
     if (this.closedBy === undefined) {
       this.closedBy = by
       this.code = code
       this.reason = reason
     }
+  }
+
+  /** Closes the client with `code` and records who decided it. */
+  close (code: number, reason: string, by: ClosedBy): void {
+    this.record(code, reason, by)
     if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) this.ws.close(code, reason)
   }
 
   /** Called by the heartbeat: pings, or terminates a client that did not answer the last ping. */
   beat (): void {
     if (!this.alive) {
-      this.close(1006, 'no pong', 'gateway')
+      this.record(1006, 'no pong', 'gateway') // 1006 is reported, never sent
       this.ws.terminate()
       return
     }

@@ -1,0 +1,100 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { createHash } from 'node:crypto'
+import type { Socket } from 'node:net'
+import { openClient, startGateway, startTcp, waitFor } from './helpers'
+
+const MB = 1024 * 1024
+// Gateway-side bytes allowed per connection: its high-water mark towards the client, one TCP read, socket buffers.
+const BOUND = 4 * MB
+
+test('a client that reads nothing stops the gateway reading a 200 MB upstream, and then gets every byte', { timeout: 60000 }, async (t) => {
+  const total = 200 * MB
+  const block = Buffer.alloc(64 * 1024)
+  for (let i = 0; i < block.length; i++) block[i] = (i * 31) & 0xff
+  let written = 0
+  const sent = createHash('sha256')
+  const source = await startTcp(socket => {
+    // Write as fast as the gateway takes it, and no faster.
+    const pump = (): void => {
+      while (written < total) {
+        written += block.length
+        sent.update(block)
+        if (!socket.write(block)) return void socket.once('drain', pump)
+      }
+      socket.end()
+    }
+    pump()
+  })
+  const gateway = await startGateway({ routes: { '/source': { upstream: source.address } } })
+  t.after(async () => { await gateway.app.close(); await source.close() })
+
+  const ws = await openClient(`${gateway.url}/source`)
+  ws.pause() // reads nothing: the client's socket stops reading
+
+  let peak = 0
+  const sample = setInterval(() => { peak = Math.max(peak, gateway.app.wstunnel.bufferedBytes()) }, 5)
+  t.after(() => clearInterval(sample))
+  // Let the stall settle: the source must stop far short of 200 MB.
+  let last = -1
+  await waitFor(() => {
+    const still = written === last
+    last = written
+    return still && written > 0
+  }, 20000)
+  await new Promise(resolve => setTimeout(resolve, 300))
+  const stalledAt = written
+  assert.ok(stalledAt < 32 * MB, `the source wrote ${stalledAt} bytes into a client that reads nothing`)
+  assert.ok(peak < BOUND, `the gateway buffered ${peak} bytes`)
+  t.diagnostic(`stalled after ${(stalledAt / MB).toFixed(1)} MB written by the source; gateway peak buffered ${peak} bytes`)
+
+  // Now read: every byte arrives, in order.
+  const received = createHash('sha256')
+  let length = 0
+  ws.removeAllListeners('message')
+  ws.on('message', (data: Buffer) => { received.update(data); length += data.length })
+  ws.resume()
+  await waitFor(() => length === total, 40000)
+  clearInterval(sample)
+  assert.equal(received.digest('hex'), sent.digest('hex'))
+  assert.ok(peak < BOUND, `the gateway buffered ${peak} bytes while draining`)
+  t.diagnostic(`peak gateway buffered bytes over the whole transfer: ${peak}`)
+  ws.close()
+})
+
+test('an upstream that reads nothing stops the gateway reading the client', { timeout: 30000 }, async (t) => {
+  let upstream: Socket | undefined
+  const sink = await startTcp(socket => {
+    upstream = socket
+    socket.pause() // reads nothing
+  })
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+
+  const ws = await openClient(`${gateway.url}/sink`)
+  const message = Buffer.alloc(64 * 1024, 7)
+  const offer = 64 * MB
+  let sent = 0
+  let peak = 0
+  let stalledSince = Date.now()
+  // Send whenever the client's own buffer is small; stop once it has stayed full for half a second.
+  while (sent < offer && Date.now() - stalledSince < 500) {
+    if (ws.bufferedAmount < 2 * MB) {
+      ws.send(message)
+      sent += message.length
+      stalledSince = Date.now()
+    }
+    peak = Math.max(peak, gateway.app.wstunnel.bufferedBytes())
+    await new Promise(resolve => setImmediate(resolve))
+  }
+  assert.ok(sent < 32 * MB, `the client handed off ${sent} bytes to a gateway whose upstream reads nothing`)
+  assert.ok(peak < BOUND, `the gateway buffered ${peak} bytes`)
+  t.diagnostic(`client stopped after ${(sent / MB).toFixed(1)} MB; gateway peak buffered ${peak} bytes`)
+
+  // Once the upstream reads, every byte the client sent arrives.
+  let length = 0
+  upstream!.on('data', (chunk: Buffer) => { length += chunk.length })
+  upstream!.resume()
+  await waitFor(() => length === sent, 20000)
+  ws.close()
+})

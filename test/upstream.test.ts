@@ -1,0 +1,137 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { connect, createServer, type Socket } from 'node:net'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
+
+/** A port nothing listens on: bind one, note it, close it. */
+async function deadPort (): Promise<number> {
+  const server = await startTcp()
+  await server.close()
+  return server.port
+}
+
+test('a refused upstream answers HTTP 502 and no WebSocket opens', { timeout: 10000 }, async (t) => {
+  const port = await deadPort()
+  const gateway = await startGateway({ routes: { '/dead': { upstream: `127.0.0.1:${port}` } } })
+  t.after(() => gateway.app.close())
+
+  const error = await openClient(`${gateway.url}/dead`).then(() => null, (err: { statusCode: number, body: string }) => err)
+  assert.equal(error?.statusCode, 502)
+  const body = JSON.parse(error.body)
+  assert.equal(body.code, 'FST_WSTUNNEL_UPSTREAM_UNREACHABLE')
+  assert.match(body.message, /ECONNREFUSED/)
+  assert.equal(gateway.app.wstunnel.connections, 0)
+})
+
+test('an upstream that does not answer within connectTimeout answers HTTP 504', { timeout: 10000 }, async (t) => {
+  // A listener that never accepts, with its one-slot backlog taken: further connects hang.
+  const listener = spawn('python3', ['-c', [
+    'import socket, sys',
+    's = socket.socket()',
+    "s.bind(('127.0.0.1', 0))",
+    's.listen(0)',
+    'print(s.getsockname()[1], flush=True)',
+    'sys.stdin.read()'
+  ].join('\n')], { stdio: ['pipe', 'pipe', 'inherit'] })
+  const [line] = await once(listener.stdout, 'data') as [Buffer]
+  const port = Number(line.toString())
+  const filler = connect(port, '127.0.0.1')
+  filler.on('error', () => {})
+  await once(filler, 'connect')
+  const gateway = await startGateway({ routes: { '/slow': { upstream: `127.0.0.1:${port}`, connectTimeout: 300 } } })
+  t.after(async () => {
+    filler.destroy()
+    listener.stdin.end()
+    await gateway.app.close()
+  })
+
+  const started = Date.now()
+  const error = await openClient(`${gateway.url}/slow`).then(() => null, (err: { statusCode: number, body: string }) => err)
+  assert.equal(error?.statusCode, 504)
+  assert.equal(JSON.parse(error.body).code, 'FST_WSTUNNEL_UPSTREAM_TIMEOUT')
+  assert.ok(Date.now() - started >= 250, 'answered before the timeout')
+})
+
+test('unix-socket upstreams work in both forms', { timeout: 10000 }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'wstunnel-'))
+  const path = join(dir, 'echo.sock')
+  const server = createServer(socket => socket.pipe(socket))
+  server.listen(path)
+  await once(server, 'listening')
+  const gateway = await startGateway({ routes: { '/a': { upstream: `unix:${path}` }, '/b': { upstream: { path } } } })
+  t.after(async () => {
+    await gateway.app.close()
+    await new Promise(resolve => server.close(resolve))
+    rmSync(dir, { recursive: true, force: true })
+  })
+
+  for (const route of ['/a', '/b']) {
+    const ws = await openClient(gateway.url + route)
+    const reply = receiveBytes(ws, 5)
+    ws.send(route + 'xyz')
+    assert.equal((await reply).toString(), route + 'xyz')
+    ws.close()
+  }
+})
+
+test('IPv6 upstreams work as [::1]:port and { host, port }', { timeout: 10000 }, async (t) => {
+  const server = createServer(socket => socket.pipe(socket))
+  server.listen(0, '::1')
+  await once(server, 'listening')
+  const { port } = server.address() as { port: number }
+  const gateway = await startGateway({ routes: { '/a': { upstream: `[::1]:${port}` }, '/b': { upstream: { host: '::1', port } } } })
+  t.after(async () => {
+    await gateway.app.close()
+    await new Promise(resolve => server.close(resolve))
+  })
+
+  for (const route of ['/a', '/b']) {
+    const ws = await openClient(gateway.url + route)
+    const reply = receiveBytes(ws, 2)
+    ws.send(route)
+    assert.equal((await reply).toString(), route)
+    ws.close()
+  }
+})
+
+test('a client that leaves while the upstream is connecting leaves no upstream connection behind', { timeout: 10000 }, async (t) => {
+  let accepted: Socket | undefined
+  const server = await startTcp(socket => { accepted = socket })
+  const gateway = await startGateway({ routes: { '/x': { upstream: server.address } } }, app => {
+    // Holds the request after the upstream connected, long enough for the client to give up.
+    app.addHook('onRoute', route => {
+      route.preHandler = [...[route.preHandler ?? []].flat(), async () => { await new Promise(resolve => setTimeout(resolve, 200)) }]
+    })
+  })
+  t.after(async () => { await gateway.app.close(); await server.close() })
+
+  const request = connect(Number(new URL(gateway.url).port), '127.0.0.1')
+  request.write('GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n' +
+    'Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  await waitFor(() => accepted !== undefined)
+  request.destroy()
+  await once(accepted!, 'close')
+  assert.equal(gateway.app.wstunnel.connections, 0)
+})
+
+test('the echo route answers many concurrent clients', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+
+  const clients = await Promise.all(Array.from({ length: 20 }, () => openClient(`${gateway.url}/echo`)))
+  assert.equal(gateway.app.wstunnel.connections, 20)
+  assert.equal(echo.connections, 20)
+  await Promise.all(clients.map(async (ws, i) => {
+    const reply = receiveBytes(ws, String(i).length)
+    ws.send(String(i))
+    assert.equal((await reply).toString(), String(i))
+    ws.close()
+  }))
+  await waitFor(() => gateway.app.wstunnel.connections === 0)
+})
