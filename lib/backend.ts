@@ -49,6 +49,9 @@ export async function backend (fastify: FastifyInstance, { routes, bridges }: Ba
         return
       }
       raw[kPending] = undefined
+      // Bridges are tracked by the plugin, which closes them with 1001 on shutdown; left in ws's own set,
+      // an earlier-registered @fastify/websocket preClose would close them first, with no status (1005).
+      fastify.websocketServer.clients.delete(ws)
       request.raw.socket.removeListener('close', pending.onClientGone)
       const client = `${request.ip}:${request.socket.remotePort ?? 0}`
       new Bridge(ws, pending.upstream, { route, log: request.log, client, bridges, heartbeat, preambleLength: 0 }) // eslint-disable-line no-new

@@ -1,3 +1,4 @@
+import type { IncomingMessage } from 'node:http'
 import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import fp from 'fastify-plugin'
 import websocket from '@fastify/websocket'
@@ -12,6 +13,12 @@ export interface WstunnelDecorator {
   readonly connections: number
   /** Bytes queued inside the gateway across all bridged connections, both ways. */
   bufferedBytes (): number
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    wstunnel: WstunnelDecorator
+  }
 }
 
 async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWstunnelOptions): Promise<void> {
@@ -32,6 +39,8 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
         done()
       }
     })
+  } else if (rawOptions.maxPayload !== undefined && fastify.websocketServer.options.maxPayload !== options.maxPayload) {
+    fastify.log.warn('fastify-wstunnel: maxPayload is ignored because @fastify/websocket was registered before it; set it there')
   }
 
   const decorator: WstunnelDecorator = {
@@ -43,12 +52,23 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     }
   }
   fastify.decorate('wstunnel', decorator)
+  // An upgrade request answered over HTTP (401, 403, 502...) holds a socket the HTTP server no longer
+  // manages. @fastify/websocket closes it only if its own onRequest hook ran, which a hook registered
+  // before it can prevent; so close it here whenever the answer was not an upgrade.
+  fastify.addHook('onResponse', (request, _reply, done) => {
+    if (isUpgradeRequest(request.raw)) request.raw.socket.destroy()
+    done()
+  })
   fastify.addHook('preClose', (done) => {
     for (const bridge of bridges) bridge.shutdown()
     done()
   })
 
   await fastify.register(backend, { routes: options.routes, bridges })
+}
+
+function isUpgradeRequest (request: IncomingMessage): boolean {
+  return request.headers.upgrade !== undefined && /\bupgrade\b/i.test(request.headers.connection ?? '')
 }
 
 const plugin: FastifyPluginAsync<FastifyWstunnelOptions> = fp(fastifyWstunnel, {

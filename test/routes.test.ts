@@ -1,0 +1,147 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import Fastify, { type FastifyInstance } from 'fastify'
+import websocket from '@fastify/websocket'
+import wstunnel from '../lib/index'
+import { closed, openClient, receiveBytes, startEcho, startGateway, waitFor } from './helpers'
+
+function openConnections (app: FastifyInstance): Promise<number> {
+  return new Promise((resolve, reject) => app.server.getConnections((err, count) => err ? reject(err) : resolve(count)))
+}
+
+async function waitForAsync (predicate: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    if (await predicate()) return
+    await new Promise(resolve => setTimeout(resolve, 10))
+  }
+  throw new Error('condition not met in time')
+}
+
+test('register rejects invalid options with one error that lists every problem with its path', { timeout: 10000 }, async () => {
+  const app = Fastify()
+  const error = await app.register(wstunnel, {
+    routes: {
+      '/vnc': { upstream: { host: '127.0.0.1', port: 70000 }, frame: 'binary' },
+      chat: { upstream: '127.0.0.1:9001' },
+      '/x': { upstream: 'localhost', idleTimeout: -5, colour: 'red' }
+    } as never,
+    pingInterval: 'often' as never
+  }).ready().then(() => null, (err: Error & { code: string }) => err)
+  await app.close()
+  assert.equal(error?.code, 'FST_WSTUNNEL_INVALID_OPTIONS')
+  const lines = error.message.split('\n').slice(1)
+  assert.deepEqual(lines.sort(), [
+    "routes['/vnc'].upstream.port: must be an integer from 1 to 65535",
+    "routes['/x'].colour: is not a known option",
+    "routes['/x'].idleTimeout: must be an integer from 0 to 2147483647",
+    "routes['/x'].upstream: must be 'host:port', '[ipv6]:port' (port 1 to 65535) or 'unix:/path'",
+    "routes.chat: is not a route path (it must start with '/' and hold no spaces)",
+    'pingInterval: must be an integer from 0 to 2147483647'
+  ].sort())
+})
+
+test('register rejects missing or non-object options', { timeout: 10000 }, async () => {
+  for (const options of [undefined, { routes: 5 }, { routes: { '/a': {} } }]) {
+    const app = Fastify()
+    const error = await app.register(wstunnel, options as never).ready().then(() => null, (err: Error & { code: string }) => err)
+    await app.close()
+    assert.equal(error?.code, 'FST_WSTUNNEL_INVALID_OPTIONS', JSON.stringify(options))
+  }
+})
+
+test('options are plain JSON: they survive a JSON round trip and defaults come from the schema', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const options = JSON.parse(JSON.stringify({ routes: { '/echo': { upstream: echo.address } } }))
+  const gateway = await startGateway(options)
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const ws = await openClient(`${gateway.url}/echo`)
+  const reply = receiveBytes(ws, 2)
+  ws.send('ok')
+  assert.equal((await reply).toString(), 'ok')
+  ws.close()
+})
+
+test('undeclared paths get the normal 404, and a plain GET to a route does not touch the upstream', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+
+  const missing = await openClient(`${gateway.url}/nowhere`).then(() => null, (err: { statusCode: number }) => err)
+  assert.equal(missing?.statusCode, 404)
+  const plain = await gateway.app.inject({ method: 'GET', url: '/echo' })
+  assert.equal(plain.statusCode, 404)
+  assert.equal(echo.connections, 0)
+})
+
+test("the user's own hooks run before the upgrade, and a refusal costs no upstream connection", { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } }, app => {
+    app.addHook('onRequest', async (request, reply) => {
+      if (request.headers.authorization !== 'Bearer secret') await reply.code(401).send({ error: 'unauthorized' })
+    })
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+
+  const refused = await openClient(`${gateway.url}/echo`).then(() => null, (err: { statusCode: number }) => err)
+  assert.equal(refused?.statusCode, 401)
+  assert.equal(echo.connections, 0)
+  // The refused handshake's socket is closed, not left half-open.
+  await waitForAsync(async () => await openConnections(gateway.app) === 0)
+  const ws = await openClient(`${gateway.url}/echo`, undefined, { headers: { authorization: 'Bearer secret' } })
+  assert.equal(echo.connections, 1)
+  ws.close()
+})
+
+test('works when the app registered @fastify/websocket itself', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } }, async app => {
+    await app.register(websocket)
+    app.get('/own', { websocket: true }, socket => { socket.send('own route') })
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+
+  const ws = await openClient(`${gateway.url}/echo`)
+  const reply = receiveBytes(ws, 3)
+  ws.send('abc')
+  assert.equal((await reply).toString(), 'abc')
+  const own = await openClient(`${gateway.url}/own`)
+  await waitFor(() => own.inbox.length === 1)
+  assert.equal(own.inbox[0].data.toString(), 'own route')
+  own.close()
+  // Shutdown still tells bridged clients 1001, whoever registered @fastify/websocket.
+  const code = closed(ws)
+  await gateway.app.close()
+  assert.equal((await code).code, 1001)
+})
+
+test('one log line when a bridge opens and one when it closes, none per message', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+
+  const ws = await openClient(`${gateway.url}/echo`)
+  const reply = receiveBytes(ws, 1000)
+  for (let i = 0; i < 100; i++) ws.send('0123456789')
+  await reply
+  const before = gateway.logs.lines.length
+  ws.close(1000)
+  await waitFor(() => gateway.logs.find('wstunnel bridge closed').length === 1)
+
+  const open = gateway.logs.find('wstunnel bridge open')
+  assert.equal(open.length, 1)
+  assert.equal(open[0].route, '/echo')
+  assert.equal(open[0].upstream, echo.address)
+  assert.match(String(open[0].client), /^127\.0\.0\.1:\d+$/)
+  const [summary] = gateway.logs.find('wstunnel bridge closed')
+  assert.equal(summary.route, '/echo')
+  assert.equal(summary.upstream, echo.address)
+  assert.equal(summary.client, open[0].client)
+  assert.equal(summary.clientToUpstream, 1000)
+  assert.equal(summary.upstreamToClient, 1000)
+  assert.equal(summary.code, 1000)
+  assert.equal(summary.closedBy, 'client')
+  assert.equal(typeof summary.durationMs, 'number')
+  // Between the last message and the close, only the close summary was logged.
+  assert.equal(gateway.logs.lines.length - before, 1)
+  assert.ok(gateway.logs.lines.length < 10, `${gateway.logs.lines.length} log lines for 100 messages`)
+})
