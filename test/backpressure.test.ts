@@ -20,7 +20,10 @@ test('a client that reads nothing stops the gateway reading a 200 MB upstream, a
       while (written < total) {
         written += block.length
         sent.update(block)
-        if (!socket.write(block)) return void socket.once('drain', pump)
+        if (!socket.write(block)) {
+          socket.once('drain', pump)
+          return
+        }
       }
       socket.end()
     }
