@@ -79,5 +79,8 @@ const plugin: FastifyPluginAsync<FastifyWstunnelOptions> = fp(fastifyWstunnel, {
 export type { FastifyWstunnelOptions, RouteOptions, UpstreamOption } from './options'
 export default plugin
 
-// CommonJS callers get the plugin itself, as with every Fastify plugin.
-module.exports = Object.assign(plugin, { default: plugin, fastifyWstunnel: plugin })
+// CommonJS callers get the plugin itself, as with every Fastify plugin; these assignments are the
+// form Node's CommonJS lexer reads, so `import { fastifyWstunnel }` works too.
+module.exports = plugin
+module.exports.default = plugin
+module.exports.fastifyWstunnel = plugin

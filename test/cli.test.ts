@@ -1,0 +1,88 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { once } from 'node:events'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { openClient, receiveBytes, startEcho } from './helpers'
+
+const BIN = join(__dirname, '..', 'bin', 'fastify-wstunnel.js')
+
+function run (args: string[]): ChildProcess {
+  return spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+}
+
+/** Resolves with the URL the gateway logged once it listens. */
+async function listening (child: ChildProcess): Promise<string> {
+  let output = ''
+  for await (const chunk of child.stdout!) {
+    output += String(chunk)
+    const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
+    if (match !== null) return match[1].replace('http', 'ws')
+  }
+  throw new Error(`gateway exited without listening: ${output}`)
+}
+
+async function finished (child: ChildProcess): Promise<{ code: number | null, stderr: string }> {
+  let stderr = ''
+  child.stderr!.on('data', (chunk: Buffer) => { stderr += String(chunk) })
+  const [code] = await once(child, 'exit') as [number | null]
+  return { code, stderr }
+}
+
+test('websockify style: `fastify-wstunnel port upstream` bridges / to the upstream', { timeout: 15000 }, async (t) => {
+  const echo = await startEcho()
+  const child = run(['127.0.0.1:0', echo.address])
+  t.after(async () => { child.kill('SIGKILL'); await echo.close() })
+
+  const url = await listening(child)
+  const ws = await openClient(`${url}/`)
+  const reply = receiveBytes(ws, 5)
+  ws.send('hello')
+  assert.equal((await reply).toString(), 'hello')
+  ws.close()
+  // SIGTERM shuts it down cleanly.
+  const exit = finished(child)
+  child.kill('SIGTERM')
+  assert.equal((await exit).code, 0)
+})
+
+test('--config runs a gateway from a JSON file with listen', { timeout: 15000 }, async (t) => {
+  const echo = await startEcho()
+  const dir = mkdtempSync(join(tmpdir(), 'wstunnel-cli-'))
+  const file = join(dir, 'gateway.json')
+  writeFileSync(file, JSON.stringify({ listen: { port: 0, host: '127.0.0.1' }, routes: { '/echo': { upstream: echo.address, frame: 'text' } } }))
+  const child = run(['--config', file])
+  t.after(async () => { child.kill('SIGKILL'); await echo.close(); rmSync(dir, { recursive: true, force: true }) })
+
+  const url = await listening(child)
+  const ws = await openClient(`${url}/echo`)
+  const reply = new Promise<boolean>(resolve => ws.once('message', (_data, isBinary: boolean) => resolve(isBinary)))
+  ws.send('text please')
+  assert.equal(await reply, false)
+  ws.close()
+})
+
+test('bad config files and arguments print every problem and exit non-zero', { timeout: 15000 }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'wstunnel-cli-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  const invalid = join(dir, 'invalid.json')
+  writeFileSync(invalid, JSON.stringify({ listen: { port: 'http' }, routes: { '/x': { upstream: '127.0.0.1:0' }, '/y': { frame: 'hex' } } }))
+  const broken = join(dir, 'broken.json')
+  writeFileSync(broken, '{ "routes": ')
+
+  const cases: Array<{ args: string[], expect: RegExp[] }> = [
+    { args: ['--config', invalid], expect: [/routes\['\/x'\]\.upstream: must be/, /routes\['\/y'\]\.upstream: is required/, /routes\['\/y'\]\.frame: must be one of "binary", "text"/, /listen\.port: must be an integer/] },
+    { args: ['--config', broken], expect: [/cannot read .*broken\.json/] },
+    { args: ['--config', join(dir, 'missing.json')], expect: [/cannot read .*missing\.json.*ENOENT/] },
+    { args: ['8080', 'not-an-upstream'], expect: [/routes\['\/'\]\.upstream: must be/] },
+    { args: ['99999', '127.0.0.1:5900'], expect: [/99999: must be \[host:\]port/] },
+    { args: [], expect: [/usage:/] }
+  ]
+  for (const { args, expect } of cases) {
+    const { code, stderr } = await finished(run(args))
+    assert.equal(code, 2, `exit code for ${args.join(' ')}`)
+    for (const pattern of expect) assert.match(stderr, pattern)
+  }
+})

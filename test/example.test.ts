@@ -1,0 +1,47 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { join } from 'node:path'
+import { openClient, texts, waitFor } from './helpers'
+
+test('the example gateway serves its page and bridges the echo and chat backends', { timeout: 20000 }, async (t) => {
+  const child = spawn(process.execPath, [join(__dirname, '..', 'example', 'gateway.js')], {
+    env: { ...process.env, PORT: '0' },
+    stdio: ['ignore', 'pipe', 'inherit']
+  })
+  t.after(() => { child.kill('SIGKILL') })
+  let output = ''
+  let base = ''
+  for await (const chunk of child.stdout) {
+    output += String(chunk)
+    const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
+    if (match !== null) { base = match[1]; break }
+  }
+  assert.ok(base !== '', `the example did not start: ${output}`)
+
+  const page = await fetch(base + '/')
+  assert.equal(page.status, 200)
+  const html = await page.text()
+  assert.match(html, /new WebSocket/)
+  assert.match(html, /\/echo/)
+  assert.match(html, /\/chat/)
+
+  const url = base.replace('http', 'ws')
+  const echo = await openClient(url + '/echo')
+  echo.send('héllo 𝄞\n')
+  await waitFor(() => texts(echo).join('') === 'héllo 𝄞\n')
+
+  const alice = await openClient(url + '/chat')
+  await waitFor(() => texts(alice).join('').includes('welcome'))
+  const bob = await openClient(url + '/chat')
+  await waitFor(() => texts(bob).join('').includes('welcome'))
+  bob.send('hi alice ✓\n')
+  await waitFor(() => /guest2: hi alice ✓\n/.test(texts(alice).join('')))
+  await waitFor(() => /guest2: hi alice ✓\n/.test(texts(bob).join('')))
+
+  for (const ws of [echo, alice, bob]) ws.close()
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit') as [number | null]
+  assert.equal(code, 0)
+})

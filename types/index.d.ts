@@ -1,0 +1,31 @@
+import type { FastifyPluginAsync } from 'fastify'
+import type {
+  FastifyWstunnelOptions as Options,
+  RouteOptions as Route,
+  UpstreamOption as Upstream
+} from '../dist/options'
+import type { WstunnelDecorator as Decorator } from '../dist/index'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    wstunnel: Decorator
+  }
+}
+
+type FastifyWstunnel = FastifyPluginAsync<fastifyWstunnel.FastifyWstunnelOptions>
+
+declare namespace fastifyWstunnel {
+  /** The plugin's options: `routes` maps each path to its upstream and settings. */
+  export type FastifyWstunnelOptions = Options
+  /** One route's options. */
+  export type RouteOptions = Route
+  /** 'host:port', '[ipv6]:port', 'unix:/path', { host, port } or { path }. */
+  export type UpstreamOption = Upstream
+  /** `fastify.wstunnel`: open connections and buffered bytes. */
+  export type WstunnelDecorator = Decorator
+  export const fastifyWstunnel: FastifyWstunnel
+  export { fastifyWstunnel as default }
+}
+
+declare function fastifyWstunnel (...params: Parameters<FastifyWstunnel>): ReturnType<FastifyWstunnel>
+export = fastifyWstunnel
