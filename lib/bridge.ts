@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net'
 import type { FastifyBaseLogger } from 'fastify'
 import WebSocket from 'ws'
-import type { ResolvedRoute } from './options'
+import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
 import { TextFramer } from './text-frame'
 
@@ -22,6 +22,8 @@ export type ClosedBy = 'client' | 'upstream' | 'gateway'
 /** Where a bridge reports: the set of open bridges, the route's heartbeat, the request's logger. */
 export interface BridgeContext {
   route: ResolvedRoute
+  upstream: UpstreamTarget
+  subprotocol: string
   log: FastifyBaseLogger
   client: string
   bridges: Set<Bridge>
@@ -63,7 +65,7 @@ export class Bridge {
     if (route.idleTimeout > 0) upstream.setTimeout(route.idleTimeout)
     context.bridges.add(this)
     context.heartbeat?.add(this)
-    context.log.info({ route: route.path, client: context.client, upstream: route.upstream.label }, 'wstunnel bridge open')
+    context.log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
   }
 
   /** Records how the connection ended, unless a side already did. */
@@ -105,11 +107,11 @@ export class Bridge {
 
   settle (): void {
     if (--this.open > 0) return
-    const { route, client, preambleLength } = this.context
+    const { route, client, upstream, preambleLength } = this.context
     this.context.log.info({
       route: route.path,
       client,
-      upstream: route.upstream.label,
+      upstream: upstream.label,
       clientToUpstream: Math.max(0, this.upstream.bytesWritten - preambleLength),
       upstreamToClient: this.upstream.bytesRead,
       durationMs: Date.now() - this.started,
@@ -163,7 +165,7 @@ function upstreamOnData (this: Socket, chunk: Buffer): void {
 }
 
 function invalidText (bridge: Bridge): void {
-  bridge.context.log.warn({ route: bridge.context.route.path, upstream: bridge.context.route.upstream.label }, 'upstream sent bytes that are not UTF-8 on a text route')
+  bridge.context.log.warn({ route: bridge.context.route.path, upstream: bridge.context.upstream.label }, 'upstream sent bytes that are not UTF-8 on a text route')
   bridge.close(1007, 'upstream sent invalid UTF-8', 'upstream')
   bridge.upstream.destroy()
 }

@@ -5,6 +5,7 @@ import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import { resolveOptions, type FastifyWstunnelOptions } from './options'
 import { backend } from './backend'
+import { installSubprotocolChooser } from './subprotocol'
 import type { Bridge } from './bridge'
 
 /** What the plugin adds to the Fastify instance as `fastify.wstunnel`. */
@@ -43,6 +44,8 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     fastify.log.warn('fastify-wstunnel: maxPayload is ignored because @fastify/websocket was registered before it; set it there')
   }
 
+  installSubprotocolChooser(fastify.websocketServer)
+
   const decorator: WstunnelDecorator = {
     get connections () { return bridges.size },
     bufferedBytes () {
@@ -55,6 +58,10 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   // An upgrade request answered over HTTP (401, 403, 502...) holds a socket the HTTP server no longer
   // manages. @fastify/websocket closes it only if its own onRequest hook ran, which a hook registered
   // before it can prevent; so close it here whenever the answer was not an upgrade.
+  fastify.addHook('onSend', (request, reply, payload, done) => {
+    if (isUpgradeRequest(request.raw)) reply.header('connection', 'close') // so no client reuses it
+    done(null, payload)
+  })
   fastify.addHook('onResponse', (request, _reply, done) => {
     if (isUpgradeRequest(request.raw)) request.raw.socket.destroy()
     done()

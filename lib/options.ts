@@ -2,6 +2,7 @@ import Type, { type Static, type TSchema } from 'typebox'
 import { Compile } from 'typebox/compile'
 import { Settings } from 'typebox/system'
 import { InvalidOptionsError } from './errors'
+import { compileOrigins, PATTERN_HELP, type OriginMatcher, type OriginsOption } from './origin'
 
 // Every problem is reported, not only the first eight.
 Settings.Set({ maxErrors: 1000 })
@@ -30,12 +31,34 @@ const routeSettings = {
   connectTimeout: Millis(10000),
   idleTimeout: Millis(0),
   pingInterval: Millis(30000),
-  closeTimeout: Millis(2000)
+  closeTimeout: Millis(2000),
+  requireOrigin: Type.Boolean({ default: false }),
+  requireSubprotocol: Type.Boolean({ default: false })
 }
 
+// Settings with no default: absent means the feature is off.
+const optionalSettings = {
+  // Strings, lists of strings, and in JavaScript RegExps and functions: checked and compiled by origin.ts.
+  origins: Type.Optional(Type.Unsafe<OriginsOption>({ description: `${PATTERN_HELP}, a RegExp, a function, or a list of them` })),
+  proxyProtocol: Type.Optional(Type.Enum(['v1', 'v2']))
+}
+
+const SubprotocolName = Type.String({
+  pattern: "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$",
+  errorMessage: 'must be a sub-protocol name (letters, digits and !#$%&\'*+-.^_`|~)'
+})
+
 const RouteSchema = Type.Object({
-  upstream: UpstreamSchema,
-  ...optional(routeSettings)
+  upstream: Type.Optional(UpstreamSchema),
+  subprotocols: Type.Optional(Type.Union([
+    Type.Array(SubprotocolName, { minItems: 1, errorMessage: 'must be a non-empty list of sub-protocol names' }),
+    Type.Record(Type.String({ pattern: "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$" }), UpstreamSchema, {
+      additionalProperties: false,
+      keyMessage: 'is not a sub-protocol name (letters, digits and !#$%&\'*+-.^_`|~)'
+    })
+  ], { errorMessage: "must be a list of sub-protocol names, or an object mapping each to its upstream" })),
+  ...optional(routeSettings),
+  ...optionalSettings
 }, { additionalProperties: false })
 
 /** The plugin's options; JSON-able, so a config file can hold them. */
@@ -45,7 +68,8 @@ export const OptionsSchema = Type.Object({
     keyMessage: "is not a route path (it must start with '/' and hold no spaces)"
   }),
   maxPayload: Type.Integer({ minimum: 1, maximum: 2147483647, default: 1048576 }),
-  ...routeSettings
+  ...routeSettings,
+  ...optionalSettings
 }, { additionalProperties: false })
 
 export type UpstreamOption = Static<typeof UpstreamSchema>
@@ -57,10 +81,17 @@ type RouteSettings = { [K in keyof typeof routeSettings]: Static<(typeof routeSe
 /** A TCP or unix-socket address, parsed once. */
 export type UpstreamTarget = { host: string, port: number, label: string } | { path: string, label: string }
 
-/** A route's options with the plugin's defaults applied and its upstream parsed. */
+/** A route's options with the plugin's defaults applied, its upstreams parsed and its origins compiled. */
 export interface ResolvedRoute extends RouteSettings {
   path: string
-  upstream: UpstreamTarget
+  /** For clients that ask for no sub-protocol (or when the route has no sub-protocol map). */
+  upstream: UpstreamTarget | null
+  /** The accepted sub-protocols in the server's order of preference; empty when the route names none. */
+  subprotocols: string[]
+  /** When `subprotocols` is a map: the upstream of each. */
+  upstreamBySubprotocol: Map<string, UpstreamTarget> | null
+  origins: OriginMatcher | null
+  proxyProtocol: 'v1' | 'v2' | null
 }
 
 export interface ResolvedOptions {
@@ -80,19 +111,42 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     throw new InvalidOptionsError('options: must be an object with a "routes" object')
   }
   const options = { ...defaultSettings, ...raw } as Static<typeof OptionsSchema>
-  if (!check.Check(options)) {
-    throw new InvalidOptionsError(describeErrors(OptionsSchema, [...check.Errors(options)]).join('\n'))
+  const problems = check.Check(options) ? [] : describeErrors(OptionsSchema, [...check.Errors(options)])
+  // Checks the schema cannot express; each is safe on any input, so every problem is reported at once.
+  const defaultOrigins = options.origins === undefined ? null : compileOrigins(options.origins, 'origins', problems)
+  const origins = new Map<string, OriginMatcher | null>()
+  const routeEntries = isObject(options.routes) ? Object.entries(options.routes) : []
+  for (const [path, route] of routeEntries) {
+    if (!isObject(route)) continue
+    const at = joinPath('routes', path)
+    if (route.upstream === undefined && !isObject(route.subprotocols)) {
+      problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream)`)
+    }
+    origins.set(path, route.origins === undefined ? defaultOrigins : compileOrigins(route.origins, `${at}.origins`, problems))
   }
+  if (problems.length > 0) throw new InvalidOptionsError([...new Set(problems)].join('\n'))
+
   const defaults: Record<string, unknown> = { ...options }
   delete defaults.routes
   delete defaults.maxPayload
-  const routes = Object.entries(options.routes).map(([path, route]) => ({
-    ...(defaults as RouteSettings),
-    ...route,
-    path,
-    upstream: parseUpstream(route.upstream)
-  }))
+  const routes = routeEntries.map(([path, route]): ResolvedRoute => {
+    const map = route.subprotocols !== undefined && !Array.isArray(route.subprotocols) ? route.subprotocols : null
+    return {
+      ...(defaults as RouteSettings),
+      ...route,
+      path,
+      upstream: route.upstream === undefined ? null : parseUpstream(route.upstream),
+      subprotocols: route.subprotocols === undefined ? [] : Array.isArray(route.subprotocols) ? route.subprotocols : Object.keys(route.subprotocols),
+      upstreamBySubprotocol: map === null ? null : new Map(Object.entries(map).map(([name, upstream]) => [name, parseUpstream(upstream)])),
+      origins: origins.get(path) ?? null,
+      proxyProtocol: route.proxyProtocol ?? options.proxyProtocol ?? null
+    }
+  })
   return { maxPayload: options.maxPayload, routes }
+}
+
+function isObject (value: unknown): boolean {
+  return value !== null && typeof value === 'object' && !Array.isArray(value)
 }
 
 /** Turns any accepted upstream form into a target with a printable label. */

@@ -114,18 +114,12 @@ export async function closed (ws: WebSocket): Promise<{ code: number, reason: st
   return { code, reason: reason.toString() }
 }
 
-/** Collects everything the client receives until `bytes` have arrived. */
-export function receiveBytes (ws: WebSocket, bytes: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = []
-    let length = 0
-    ws.on('message', (data: Buffer) => {
-      chunks.push(data)
-      length += data.length
-      if (length >= bytes) resolve(Buffer.concat(chunks))
-    })
-    ws.once('close', () => reject(new Error(`closed after ${length} of ${bytes} bytes`)))
-  })
+/** Resolves with everything the client has received once `bytes` have arrived, counting from its first message. */
+export async function receiveBytes (ws: Client, bytes: number): Promise<Buffer> {
+  const received = (): number => ws.inbox.reduce((sum, message) => sum + message.data.length, 0)
+  await waitFor(() => received() >= bytes || ws.readyState === WebSocket.CLOSED, 20000)
+  if (received() < bytes) throw new Error(`closed after ${received()} of ${bytes} bytes`)
+  return Buffer.concat(ws.inbox.map(message => message.data))
 }
 
 /** Reads from a TCP socket until `bytes` have arrived. */

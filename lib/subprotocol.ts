@@ -1,0 +1,78 @@
+import type { IncomingMessage } from 'node:http'
+import type { FastifyRequest, onRequestHookHandler } from 'fastify'
+import type { WebSocketServer } from 'ws'
+import { BadSubprotocolHeaderError, SubprotocolRefusedError } from './errors'
+
+const kChosen = Symbol('wstunnel.subprotocol')
+type RawWithChoice = IncomingMessage & { [kChosen]?: string | null }
+
+// RFC 7230 token characters: the only ones a sub-protocol name may hold.
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
+
+/** Parses a Sec-WebSocket-Protocol header into the offered names, in order.
+ *  Throws a SyntaxError naming the bad entry when a name is not a token or repeats. */
+export function parseSubprotocols (header: string): string[] {
+  const offered: string[] = []
+  for (const entry of header.split(',')) {
+    const name = entry.trim()
+    if (!TOKEN.test(name)) throw new SyntaxError(`${JSON.stringify(name)} is not a valid sub-protocol name`)
+    if (offered.includes(name)) throw new SyntaxError(`${JSON.stringify(name)} is offered twice`)
+    offered.push(name)
+  }
+  return offered
+}
+
+/** Returns the first of the server's `accepted` names that the client offered, or null if none is. */
+export function chooseSubprotocol (accepted: readonly string[], offered: readonly string[]): string | null {
+  for (const name of accepted) if (offered.includes(name)) return name
+  return null
+}
+
+/** True if `name` may be a sub-protocol name. */
+export function isSubprotocolName (name: string): boolean {
+  return TOKEN.test(name)
+}
+
+/** The route's sub-protocol choice, an onRequest hook: it refuses with 400 a malformed header, an offer with
+ *  no accepted name, or no offer when one is required; else it records the choice for the handshake. */
+export function selectSubprotocol (route: { subprotocols: string[], requireSubprotocol: boolean, upstream: unknown }): onRequestHookHandler {
+  const accepted = route.subprotocols.length > 0 ? route.subprotocols.join(', ') : '(none)'
+  // With a sub-protocol map and no plain upstream, a client that names none has nowhere to go.
+  const required = route.requireSubprotocol || route.upstream === null
+  return function subprotocolChoice (request, _reply, done) {
+    const header = request.headers['sec-websocket-protocol']
+    let offered: string[] = []
+    if (header !== undefined) {
+      try {
+        offered = parseSubprotocols(header)
+      } catch (err) {
+        return done(new BadSubprotocolHeaderError((err as Error).message))
+      }
+    }
+    let chosen: string | null = null
+    if (offered.length > 0 && route.subprotocols.length > 0) {
+      chosen = chooseSubprotocol(route.subprotocols, offered)
+      if (chosen === null) return done(new SubprotocolRefusedError(`none of ${offered.join(', ')} is accepted`, accepted))
+    } else if (required) {
+      return done(new SubprotocolRefusedError('a sub-protocol is required', accepted))
+    }
+    ;(request.raw as RawWithChoice)[kChosen] = chosen
+    done()
+  }
+}
+
+/** The sub-protocol the route's hook chose for this request, or null. */
+export function chosenSubprotocol (request: FastifyRequest): string | null {
+  return (request.raw as RawWithChoice)[kChosen] ?? null
+}
+
+/** Makes the WebSocket server answer each of our routes' handshakes with the choice its hook recorded
+ *  (never a name the client did not offer, none when it offered none); other routes keep their handler. */
+export function installSubprotocolChooser (server: WebSocketServer): void {
+  const previous = server.options.handleProtocols
+  server.options.handleProtocols = function handleProtocols (protocols: Set<string>, request: IncomingMessage): string | false {
+    if (kChosen in request) return (request as RawWithChoice)[kChosen] ?? false
+    if (previous !== undefined) return previous(protocols, request)
+    return protocols.values().next().value ?? false // ws's own default
+  }
+}
