@@ -56,7 +56,7 @@ const RouteSchema = Type.Object({
       additionalProperties: false,
       keyMessage: 'is not a sub-protocol name (letters, digits and !#$%&\'*+-.^_`|~)'
     })
-  ], { errorMessage: "must be a list of sub-protocol names, or an object mapping each to its upstream" })),
+  ], { errorMessage: 'must be a list of sub-protocol names, or an object mapping each to its upstream' })),
   ...optional(routeSettings),
   ...optionalSettings
 }, { additionalProperties: false })

@@ -1,7 +1,7 @@
 import { once } from 'node:events'
 import { createServer, type Server, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
-import Fastify, { type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import WebSocket, { type ClientOptions } from 'ws'
 import wstunnel, { type FastifyWstunnelOptions } from '../lib/index'
 
@@ -70,15 +70,20 @@ export interface Gateway {
   logs: LogCapture
 }
 
-/** Starts Fastify with the plugin on 127.0.0.1 and an ephemeral port. */
-export async function startGateway (options: FastifyWstunnelOptions, setup?: (app: FastifyInstance) => void | Promise<void>): Promise<Gateway> {
+/** Starts Fastify with the plugin on 127.0.0.1 (or `listen.host`) and an ephemeral port. */
+export async function startGateway (
+  options: FastifyWstunnelOptions,
+  setup?: (app: FastifyInstance) => void | Promise<void>,
+  listen: { host?: string, fastify?: FastifyServerOptions } = {}
+): Promise<Gateway> {
   const logs = new LogCapture()
-  const app = Fastify({ logger: { level: 'info', stream: logs } })
+  const app = Fastify({ ...listen.fastify, logger: { level: 'info', stream: logs } })
   if (setup !== undefined) await setup(app)
   await app.register(wstunnel, options)
-  await app.listen({ port: 0, host: '127.0.0.1' })
+  const host = listen.host ?? '127.0.0.1'
+  await app.listen({ port: 0, host })
   const { port } = app.server.address() as { port: number }
-  return { app, url: `ws://127.0.0.1:${port}`, logs }
+  return { app, url: `ws://${host.includes(':') ? `[${host}]` : host}:${port}`, logs }
 }
 
 /** A client whose messages are collected from the first one on, even those that arrive with the handshake. */

@@ -40,7 +40,7 @@ test('parseSubprotocols reads the header and rejects what is not a token list', 
   assert.equal(chooseSubprotocol(['mqtt'], ['stomp']), null)
 })
 
-test("the server picks the first of its own list that the client offered, and answers exactly that", { timeout: 10000 }, async (t) => {
+test('the server picks the first of its own list that the client offered, and answers exactly that', { timeout: 10000 }, async (t) => {
   const echo = await startEcho()
   const gateway = await startGateway({ routes: { '/x': { upstream: echo.address, subprotocols: ['mqtt', 'mqttv3.1'] } } })
   t.after(async () => { await gateway.app.close(); await echo.close() })
