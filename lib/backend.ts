@@ -62,6 +62,12 @@ export async function backend (fastify: FastifyInstance, { routes, bridges }: Ba
       // Bridges are tracked by the plugin, which closes them with 1001 on shutdown; left in ws's own set,
       // an earlier-registered @fastify/websocket preClose would close them first, with no status (1005).
       fastify.websocketServer.clients.delete(ws)
+      // Let the HTTP request go once upgraded: the socket's ServerResponse and @fastify/websocket's error
+      // listener (a closure over request and reply) would keep them, and their headers, for the bridge's life.
+      // The bridge's own listener reports client errors; ws closes the connection itself.
+      const response = (request.raw.socket as typeof request.raw.socket & { _httpMessage?: { detachSocket?: (socket: unknown) => void } })._httpMessage
+      response?.detachSocket?.(request.raw.socket)
+      ws.removeAllListeners('error')
       new Bridge(ws, pending.upstream, { // eslint-disable-line no-new
         route,
         upstream: pending.target,

@@ -4,6 +4,7 @@ import WebSocket from 'ws'
 import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
 import { TextFramer } from './text-frame'
+import { readUpstream } from './upstream'
 
 /** Bytes the gateway lets queue towards a client before it stops reading the upstream. */
 export const CLIENT_HIGH_WATER = 512 * 1024
@@ -35,7 +36,8 @@ export interface BridgeContext {
  *  with backpressure each way, and closes each side when the other ends. */
 export class Bridge {
   alive = true
-  corked = false
+  /** Client messages parsed in this tick, written to the upstream together at its end. */
+  queued: Buffer | Buffer[] | null = null
   closedBy: ClosedBy | undefined
   code: number | undefined
   reason = ''
@@ -55,7 +57,6 @@ export class Bridge {
     ws.on('close', clientOnClose)
     ws.on('error', clientOnError)
     ws.on('pong', clientOnPong)
-    upstream.on('data', upstreamOnData)
     upstream.on('drain', upstreamOnDrain)
     upstream.on('end', upstreamOnEnd)
     upstream.on('error', upstreamOnError)
@@ -65,6 +66,7 @@ export class Bridge {
     if (route.idleTimeout > 0) upstream.setTimeout(route.idleTimeout)
     context.bridges.add(this)
     context.heartbeat?.add(this)
+    readUpstream(upstream, upstreamOnData)
     context.log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
   }
 
@@ -102,7 +104,9 @@ export class Bridge {
 
   /** Bytes queued in the gateway for this connection, both ways. */
   bufferedBytes (): number {
-    return this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
+    let queued = 0
+    if (this.queued !== null) for (const chunk of Array.isArray(this.queued) ? this.queued : [this.queued]) queued += chunk.length
+    return queued + this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
   }
 
   settle (): void {
@@ -124,44 +128,69 @@ export class Bridge {
 
 function clientOnMessage (this: WebSocket, data: Buffer): void {
   const bridge = bridgeOf(this)
-  const upstream = bridge.upstream
   bridge.alive = true
-  if (!upstream.writable) return
-  // Messages parsed from one read go out in one write.
-  if (!bridge.corked) {
-    bridge.corked = true
-    upstream.cork()
-    process.nextTick(uncork, bridge)
+  // Messages parsed from one read are gathered and go out in one write, after ws has parsed them all.
+  const queued = bridge.queued
+  if (queued === null) {
+    bridge.queued = data
+    process.nextTick(flush, bridge)
+  } else if (Array.isArray(queued)) {
+    queued.push(data)
+  } else {
+    bridge.queued = [queued, data]
   }
-  if (!upstream.write(data)) this.pause()
 }
 
-function uncork (bridge: Bridge): void {
-  bridge.corked = false
-  bridge.upstream.uncork()
+/** Bytes up to which gathered client messages are copied into one buffer; larger batches are written as they are. */
+const COALESCE_LIMIT = 16 * 1024
+
+function flush (bridge: Bridge): void {
+  const queued = bridge.queued
+  bridge.queued = null
+  const upstream = bridge.upstream
+  if (queued === null || !upstream.writable) return
+  let flowing: boolean
+  if (!Array.isArray(queued)) {
+    flowing = upstream.write(queued)
+  } else {
+    let total = 0
+    for (const chunk of queued) total += chunk.length
+    if (total <= COALESCE_LIMIT) {
+      flowing = upstream.write(Buffer.concat(queued, total))
+    } else {
+      upstream.cork()
+      for (const chunk of queued) upstream.write(chunk)
+      upstream.uncork()
+      flowing = upstream.writableLength < upstream.writableHighWaterMark
+    }
+  }
+  if (!flowing) bridge.ws.pause()
 }
 
 function upstreamOnDrain (this: Socket): void {
   bridgeOf(this).ws.resume()
 }
 
-function upstreamOnData (this: Socket, chunk: Buffer): void {
+function upstreamOnData (this: Socket, chunk: Buffer): boolean {
   const bridge = bridgeOf(this)
   const ws = bridge.ws
-  if (ws.readyState !== WebSocket.OPEN) return // the client is gone; the upstream is being drained to its end
+  if (ws.readyState !== WebSocket.OPEN) return true // the client is gone; the upstream is being drained to its end
   let payload: Buffer | string | null = chunk
   if (bridge.framer !== null) {
     payload = bridge.framer.push(chunk)
-    if (payload === null) return invalidText(bridge)
-    if (payload.length === 0) return
+    if (payload === null) {
+      invalidText(bridge)
+      return false
+    }
+    if (payload.length === 0) return true
   }
   if (ws.bufferedAmount + chunk.length > CLIENT_HIGH_WATER) {
     // Stop reading until this frame reaches the kernel: the client sets the pace.
-    this.pause()
     ws.send(payload, bridge.sendOptions, () => this.resume())
-  } else {
-    ws.send(payload, bridge.sendOptions)
+    return false
   }
+  ws.send(payload, bridge.sendOptions)
+  return true
 }
 
 function invalidText (bridge: Bridge): void {
@@ -208,6 +237,7 @@ function clientOnClose (this: WebSocket, code: number, reason: Buffer): void {
   }
   bridge.context.bridges.delete(bridge)
   bridge.context.heartbeat?.delete(bridge)
+  flush(bridge) // messages that came with the close frame go before the FIN
   const upstream = bridge.upstream
   if (!upstream.destroyed) {
     const grace = bridge.context.route.closeTimeout
@@ -226,6 +256,7 @@ function clientOnClose (this: WebSocket, code: number, reason: Buffer): void {
 function clientOnError (this: WebSocket, err: Error & { code?: string }): void {
   // ws has already answered a bad frame with the right close code (1002, 1007, 1009).
   const bridge = bridgeOf(this)
+  bridge.context.log.debug({ err }, 'websocket error')
   if (bridge.closedBy === undefined) {
     bridge.closedBy = 'gateway'
     bridge.reason = err.code ?? err.message

@@ -2,11 +2,47 @@ import { connect, type Socket } from 'node:net'
 import type { UpstreamTarget } from './options'
 import { UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
 
+// Every upstream reads into this one buffer (Node's `onread`), skipping the stream machinery and a fresh
+// 64 KiB allocation per read; each read is copied out before the next can happen, so one buffer serves all.
+const READ_BUFFER = Buffer.allocUnsafe(64 * 1024)
+
+/** Where an upstream's bytes go: return false to stop reading until `socket.resume()`. */
+export type UpstreamReader = (this: Socket, chunk: Buffer) => boolean
+const kReader = Symbol('wstunnel.reader')
+const kEarly = Symbol('wstunnel.early')
+type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null }
+
+function onUpstreamRead (this: ReadingSocket, length: number, buffer: Buffer): boolean {
+  return this[kReader](Buffer.from(buffer.subarray(0, length)))
+}
+
+/** Before a bridge adopts the upstream, what it sends (a server banner) is kept, and reading stops. */
+function holdEarly (this: Socket, chunk: Buffer): boolean {
+  ((this as ReadingSocket)[kEarly] ??= []).push(chunk)
+  return false
+}
+
+/** Hands the upstream's bytes to `reader` from now on, first those that came before, then resumes reading. */
+export function readUpstream (socket: Socket, reader: UpstreamReader): void {
+  const reading = socket as ReadingSocket
+  const early = reading[kEarly]
+  reading[kReader] = reader
+  reading[kEarly] = null
+  let flowing = true
+  if (early !== null) for (const chunk of early) flowing = reader.call(socket, chunk) !== false && flowing
+  if (flowing) socket.resume()
+}
+
 /** Opens a TCP or unix-socket connection to the upstream, resolving once it is established.
  *  Rejects with a 502 error if it is refused, or a 504 error after `timeout` ms. */
 export function connectUpstream (target: UpstreamTarget, timeout: number, preamble?: Buffer): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const socket = 'path' in target ? connect({ path: target.path }) : connect({ host: target.host, port: target.port, noDelay: true })
+    const onread = { buffer: READ_BUFFER, callback: onUpstreamRead }
+    const socket = ('path' in target
+      ? connect({ path: target.path, onread })
+      : connect({ host: target.host, port: target.port, noDelay: true, onread })) as ReadingSocket
+    socket[kReader] = holdEarly
+    socket[kEarly] = null
     // The socket timeout doubles as the connect timeout; the bridge later reuses it for idleTimeout.
     if (timeout > 0) socket.setTimeout(timeout)
     function onConnect (): void {

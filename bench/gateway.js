@@ -1,0 +1,34 @@
+'use strict'
+
+// fastify-wstunnel under test, in a process of its own (started with --expose-gc).
+// argv[2] is the upstream ports as JSON; the listening port goes to the parent over IPC.
+// 'gc' makes it collect garbage and answer with its memory usage.
+const Fastify = require('fastify')
+const wstunnel = require('..')
+
+async function main () {
+  const ports = JSON.parse(process.argv[2])
+  // Logging off, as lighttpd runs without an access log here: the benchmark measures the bridge.
+  const app = Fastify({ logger: false })
+  await app.register(wstunnel, {
+    routes: {
+      '/echo': { upstream: `127.0.0.1:${ports.echo}` },
+      '/source': { upstream: `127.0.0.1:${ports.source}` },
+      '/sink': { upstream: `127.0.0.1:${ports.sink}` }
+    }
+  })
+  await app.listen({ port: 0, host: '127.0.0.1', backlog: 4096 })
+  process.on('message', message => {
+    if (message === 'gc') {
+      global.gc()
+      global.gc()
+      process.send({ memory: process.memoryUsage() })
+    }
+  })
+  const stop = () => app.close().then(() => process.exit(0)) // exit, not a signal: --cpu-prof writes then
+  process.on('disconnect', stop)
+  process.on('SIGTERM', stop)
+  process.send({ port: app.server.address().port })
+}
+
+main()

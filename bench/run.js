@@ -1,0 +1,155 @@
+'use strict'
+
+// `npm run bench`: fastify-wstunnel against direct TCP, lighttpd's mod_wstunnel and websockify, on one
+// machine in one run, interleaved round by round. Writes bench/RESULTS.md.
+//   node --expose-gc bench/run.js [scenario ...]     BENCH_ROUNDS=3 BENCH_SYSTEMS='a,b' BENCH_WINDOW=2500
+const { spawnSync } = require('node:child_process')
+const { writeFileSync } = require('node:fs')
+const os = require('node:os')
+const { join } = require('node:path')
+const { systems, startServers, which } = require('./systems')
+const load = require('./load')
+
+const ROUNDS = Math.max(3, Number(process.env.BENCH_ROUNDS ?? 3))
+const LIGHTTPD = 'lighttpd mod_wstunnel'
+const DIRECT = 'direct TCP'
+
+const scenarios = [
+  { id: 'down', title: 'Throughput upstream → client, one connection, 64 KiB chunks', unit: 'MB/s', run: load.throughputDown, cpu: 'cpuPerGB', higher: true },
+  { id: 'up', title: 'Throughput client → upstream, one connection, 64 KiB messages', unit: 'MB/s', run: load.throughputUp, cpu: 'cpuPerGB', higher: true },
+  { id: 'echo', title: 'Echo message rate, 100 connections × 16 messages of 64 B in flight', unit: 'msg/s', run: load.echoRate, cpu: 'cpuPerMillion', higher: true },
+  { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, extra: 'p99', higher: false },
+  { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, higher: true },
+  { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false }
+]
+
+const median = values => {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = sorted.length >> 1
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+const fmt = value => value === null || value === undefined || Number.isNaN(value)
+  ? '—'
+  : Math.abs(value) >= 100 ? Math.round(value).toLocaleString('en-US') : value.toFixed(value >= 10 ? 1 : 2)
+
+async function main () {
+  const wanted = process.argv.slice(2)
+  const chosen = wanted.length > 0 ? scenarios.filter(s => wanted.includes(s.id)) : scenarios
+  const onlySystems = process.env.BENCH_SYSTEMS ? process.env.BENCH_SYSTEMS.split(',') : null
+  const names = Object.keys(systems).filter(name => onlySystems === null || onlySystems.includes(name))
+  const skipped = {}
+  for (const name of names) {
+    const missing = systems[name].missing()
+    if (missing !== null) {
+      skipped[name] = missing
+      console.log(`skipping ${name}: ${missing}`)
+    }
+  }
+  const present = names.filter(name => !(name in skipped))
+
+  const servers = await startServers()
+  const running = {}
+  for (const name of present) running[name] = await systems[name].start(servers.ports)
+  const results = {} // scenario id → system → [result per round]
+
+  try {
+    for (const scenario of chosen) {
+      results[scenario.id] = {}
+      for (let round = 0; round < ROUNDS; round++) {
+        // Interleaved, and the order turns each round so no system always goes first.
+        const order = present.map((_, i) => present[(i + round) % present.length])
+        for (const name of order) {
+          let system = running[name]
+          if (scenario.fresh) {
+            if (system.noMemory) continue
+            system = await systems[name].start(servers.ports)
+          }
+          let result
+          try {
+            result = await scenario.run(system, servers)
+          } catch (err) {
+            result = { error: err.message }
+          } finally {
+            if (scenario.fresh) await system.stop()
+          }
+          ;(results[scenario.id][name] ??= []).push(result)
+          const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'perRead', 'perWrite', 'failed']
+            .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
+          console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
+        }
+      }
+    }
+  } finally {
+    for (const name of present) await running[name].stop()
+    await servers.stop()
+  }
+
+  const report = render(chosen, present, results, skipped)
+  console.log('\n' + report)
+  if (wanted.length === 0 && !onlySystems) writeFileSync(join(__dirname, 'RESULTS.md'), report)
+}
+
+function render (chosen, present, results, skipped) {
+  const lines = []
+  const lighttpd = spawnSync(which('lighttpd') ?? 'false', ['-v'], { encoding: 'utf8' }).stdout?.trim().split('\n')[0]
+  const websockify = spawnSync('sh', ['-c', 'dpkg-query -W websockify 2>/dev/null'], { encoding: 'utf8' }).stdout.trim().split('\t')[1]
+  lines.push('# Benchmark results', '')
+  lines.push(`${new Date().toISOString().slice(0, 10)} on ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${os.cpus().length} cores, ` +
+    `${Math.round(os.totalmem() / 2 ** 30)} GiB, ${os.type()} ${os.release()}; Node ${process.version}` +
+    (lighttpd ? `; ${lighttpd}` : '') + (websockify ? `; websockify ${websockify}` : '') + '.', '')
+  lines.push(`Medians over ${ROUNDS} interleaved rounds (min–max in brackets); everything on 127.0.0.1. ` +
+    'CPU is the gateway process\'s user + system time from /proc over the measured window.', '')
+  for (const [name, reason] of Object.entries(skipped)) lines.push(`- ${name} skipped: ${reason}`)
+  if (Object.keys(skipped).length > 0) lines.push('')
+
+  for (const scenario of chosen) {
+    const bySystem = results[scenario.id] ?? {}
+    const summary = {}
+    for (const name of present) {
+      const runs = (bySystem[name] ?? []).filter(run => run.error === undefined)
+      if (runs.length === 0) continue
+      const values = runs.map(run => run.value)
+      summary[name] = {
+        median: median(values),
+        min: Math.min(...values),
+        max: Math.max(...values),
+        extra: scenario.extra ? median(runs.map(run => run[scenario.extra])) : undefined,
+        cpu: scenario.cpu && runs[0][scenario.cpu] !== null ? median(runs.map(run => run[scenario.cpu])) : undefined,
+        errors: (bySystem[name] ?? []).length - runs.length
+      }
+    }
+    lines.push(`## ${scenario.title}`, '')
+    const header = ['system', `${scenario.unit} (median)`, 'min–max']
+    if (scenario.extra) header.push(`${scenario.extra} µs`)
+    header.push('× lighttpd', '× direct TCP')
+    if (scenario.cpu) header.push(scenario.cpu === 'cpuPerGB' ? 'CPU s per GB' : 'CPU s per million msgs')
+    lines.push(`| ${header.join(' | ')} |`, `|${header.map(() => ' --- ').join('|')}|`)
+    for (const name of present) {
+      const s = summary[name]
+      if (s === undefined) {
+        const reason = bySystem[name]?.[0]?.error ?? (scenario.fresh ? notRunReason(name) : 'no result')
+        lines.push(`| ${name} | — (${reason}) |${' |'.repeat(header.length - 2)}`)
+        continue
+      }
+      const ratio = other => summary[other] ? s.median / summary[other].median : null
+      const row = [name + (s.errors > 0 ? ` (${s.errors} failed)` : ''), fmt(s.median), `${fmt(s.min)}–${fmt(s.max)}`]
+      if (scenario.extra) row.push(fmt(s.extra))
+      row.push(ratioText(ratio(LIGHTTPD)), ratioText(ratio(DIRECT)))
+      if (scenario.cpu) row.push(fmt(s.cpu))
+      lines.push(`| ${row.join(' | ')} |`)
+    }
+    lines.push('')
+  }
+  return lines.join('\n')
+
+  function notRunReason (name) {
+    return name === DIRECT ? 'no gateway' : name === 'websockify' ? 'forks a process per connection' : 'not run'
+  }
+}
+
+const ratioText = ratio => ratio === null ? '—' : `${ratio.toFixed(2)}×`
+
+main().catch(err => {
+  console.error(err)
+  process.exitCode = 1
+})
