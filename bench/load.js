@@ -73,24 +73,28 @@ function cpuSeconds (pids) {
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
     ticks += Number(fields[11]) + Number(fields[12]) // utime, stime
     if (root) ticks += Number(fields[13]) + Number(fields[14]) // cutime, cstime: children already reaped
-    for (const task of safeList(`/proc/${pid}/task`)) {
-      for (const child of readFileSafe(`/proc/${pid}/task/${task}/children`).split(' ').filter(Boolean)) visit(child, false)
-    }
+    for (const child of childrenOf(pid)) visit(child, false)
   }
   for (const pid of pids) visit(pid, true)
   return ticks / TICKS
 }
 
-/** Read and write system calls made by the processes (not their descendants): [reads, writes]. */
+/** Read and write system calls made by the processes and their live descendants: [reads, writes]. */
 function syscalls (pids) {
   let reads = 0
   let writes = 0
-  for (const pid of pids) {
+  const visit = pid => {
     const io = readFileSafe(`/proc/${pid}/io`)
     reads += Number(/syscr: (\d+)/.exec(io)?.[1] ?? 0)
     writes += Number(/syscw: (\d+)/.exec(io)?.[1] ?? 0)
+    for (const child of childrenOf(pid)) visit(child)
   }
+  for (const pid of pids) visit(pid)
   return [reads, writes]
+}
+
+function childrenOf (pid) {
+  return safeList(`/proc/${pid}/task`).flatMap(task => readFileSafe(`/proc/${pid}/task/${task}/children`).split(' ').filter(Boolean))
 }
 
 /** Resident memory of the processes and their descendants, in bytes. */
@@ -99,9 +103,7 @@ function rssBytes (pids) {
   const visit = pid => {
     const match = /VmRSS:\s+(\d+) kB/.exec(readFileSafe(`/proc/${pid}/status`))
     if (match !== null) kb += Number(match[1])
-    for (const task of safeList(`/proc/${pid}/task`)) {
-      for (const child of readFileSafe(`/proc/${pid}/task/${task}/children`).split(' ').filter(Boolean)) visit(child)
-    }
+    for (const child of childrenOf(pid)) visit(child)
   }
   for (const pid of pids) visit(pid)
   return kb * 1024
@@ -196,8 +198,8 @@ async function echoRate (system, servers, { connections = 100, inFlight = 16 } =
     value: messages / seconds,
     cpuPerMillion: gateway ? cpu / (messages / 1e6) : null,
     // How many messages each read and write system call of the gateway carries.
-    perRead: gateway ? messages / reads : null,
-    perWrite: gateway ? messages / writes : null
+    perRead: gateway && reads > 0 ? messages / reads : null,
+    perWrite: gateway && writes > 0 ? messages / writes : null
   }
 }
 

@@ -4,23 +4,27 @@
 // machine in one run, interleaved round by round. Writes bench/RESULTS.md.
 //   node --expose-gc bench/run.js [scenario ...]     BENCH_ROUNDS=3 BENCH_SYSTEMS='a,b' BENCH_WINDOW=2500
 const { spawnSync } = require('node:child_process')
-const { writeFileSync } = require('node:fs')
+const { mkdirSync, readFileSync, writeFileSync } = require('node:fs')
 const os = require('node:os')
 const { join } = require('node:path')
 const { systems, startServers, which } = require('./systems')
 const load = require('./load')
 
 const ROUNDS = Math.max(3, Number(process.env.BENCH_ROUNDS ?? 3))
+const US = 'fastify-wstunnel'
 const LIGHTTPD = 'lighttpd mod_wstunnel'
 const DIRECT = 'direct TCP'
+const SETTLE = 1000
 
+// Handshakes go last: they leave tens of thousands of loopback connections in TIME_WAIT, which slows
+// every later connect for a minute.
 const scenarios = [
   { id: 'down', title: 'Throughput upstream → client, one connection, 64 KiB chunks', unit: 'MB/s', run: load.throughputDown, cpu: 'cpuPerGB', higher: true },
   { id: 'up', title: 'Throughput client → upstream, one connection, 64 KiB messages', unit: 'MB/s', run: load.throughputUp, cpu: 'cpuPerGB', higher: true },
   { id: 'echo', title: 'Echo message rate, 100 connections × 16 messages of 64 B in flight', unit: 'msg/s', run: load.echoRate, cpu: 'cpuPerMillion', higher: true },
   { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, extra: 'p99', higher: false },
-  { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, higher: true },
-  { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false }
+  { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false },
+  { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, higher: true }
 ]
 
 const median = values => {
@@ -73,6 +77,7 @@ async function main () {
             if (scenario.fresh) await system.stop()
           }
           ;(results[scenario.id][name] ??= []).push(result)
+          await new Promise(resolve => setTimeout(resolve, SETTLE)) // let closing connections and processes finish
           const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'perRead', 'perWrite', 'failed']
             .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
           console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
@@ -84,6 +89,8 @@ async function main () {
     await servers.stop()
   }
 
+  mkdirSync(join(__dirname, '.work'), { recursive: true })
+  writeFileSync(join(__dirname, '.work', 'results.json'), JSON.stringify({ chosen: chosen.map(c => c.id), present, results, skipped }))
   const report = render(chosen, present, results, skipped)
   console.log('\n' + report)
   if (wanted.length === 0 && !onlySystems) writeFileSync(join(__dirname, 'RESULTS.md'), report)
@@ -102,9 +109,10 @@ function render (chosen, present, results, skipped) {
   for (const [name, reason] of Object.entries(skipped)) lines.push(`- ${name} skipped: ${reason}`)
   if (Object.keys(skipped).length > 0) lines.push('')
 
+  const summaries = {}
   for (const scenario of chosen) {
     const bySystem = results[scenario.id] ?? {}
-    const summary = {}
+    const summary = summaries[scenario.id] = {}
     for (const name of present) {
       const runs = (bySystem[name] ?? []).filter(run => run.error === undefined)
       if (runs.length === 0) continue
@@ -140,6 +148,7 @@ function render (chosen, present, results, skipped) {
     }
     lines.push('')
   }
+  lines.push(...renderTargets(summaries))
   return lines.join('\n')
 
   function notRunReason (name) {
@@ -147,9 +156,46 @@ function render (chosen, present, results, skipped) {
   }
 }
 
+// The issue's targets, checked on the medians of this run.
+const TARGETS = [
+  { id: 'echo', text: 'echo message rate ≥ 1.0× lighttpd', ours: s => s[US].median, reference: s => s[LIGHTTPD].median, met: (a, b) => a >= b },
+  { id: 'down', text: 'throughput upstream → client ≥ 1.5× lighttpd', ours: s => s[US].median, reference: s => 1.5 * s[LIGHTTPD].median, met: (a, b) => a >= b },
+  { id: 'down', text: 'throughput upstream → client ≥ 0.4× direct TCP', ours: s => s[US].median, reference: s => 0.4 * s[DIRECT].median, met: (a, b) => a >= b },
+  { id: 'up', text: 'throughput client → upstream ≥ 1.5× lighttpd', ours: s => s[US].median, reference: s => 1.5 * s[LIGHTTPD].median, met: (a, b) => a >= b },
+  { id: 'up', text: 'throughput client → upstream ≥ 0.4× direct TCP', ours: s => s[US].median, reference: s => 0.4 * s[DIRECT].median, met: (a, b) => a >= b },
+  { id: 'latency', text: 'latency p50 ≤ lighttpd (µs)', ours: s => s[US].median, reference: s => s[LIGHTTPD].median, met: (a, b) => a <= b },
+  { id: 'latency', text: 'latency p99 ≤ lighttpd (µs)', ours: s => s[US].extra, reference: s => s[LIGHTTPD].extra, met: (a, b) => a <= b },
+  { id: 'handshake', text: 'handshake rate ≥ lighttpd', ours: s => s[US].median, reference: s => s[LIGHTTPD].median, met: (a, b) => a >= b },
+  { id: 'memory', text: 'memory per idle connection ≤ 12 KB', ours: s => s[US].median, reference: () => 12, met: (a, b) => a <= b }
+]
+
+function renderTargets (summaries) {
+  const lines = ['## Targets', '', '| target | fastify-wstunnel | bound | met |', '| --- | --- | --- | --- |']
+  for (const target of TARGETS) {
+    let ours = null
+    let bound = null
+    try {
+      ours = target.ours(summaries[target.id])
+      bound = target.reference(summaries[target.id])
+    } catch {} // a system or scenario that did not run
+    const met = ours === null || bound === null || ours === undefined || bound === undefined ? 'not measured' : target.met(ours, bound) ? 'yes' : '**no**'
+    lines.push(`| ${target.text} | ${fmt(ours)} | ${fmt(bound)} | ${met} |`)
+  }
+  lines.push('')
+  return lines
+}
+
 const ratioText = ratio => ratio === null ? '—' : `${ratio.toFixed(2)}×`
 
-main().catch(err => {
-  console.error(err)
-  process.exitCode = 1
-})
+if (process.argv[2] === '--render') {
+  // Re-renders the last run's report from bench/.work/results.json, without running anything.
+  const saved = JSON.parse(readFileSync(join(__dirname, '.work', 'results.json'), 'utf8'))
+  const report = render(scenarios.filter(s => saved.chosen.includes(s.id)), saved.present, saved.results, saved.skipped)
+  writeFileSync(join(__dirname, 'RESULTS.md'), report)
+  console.log(report)
+} else {
+  main().catch(err => {
+    console.error(err)
+    process.exitCode = 1
+  })
+}

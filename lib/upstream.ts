@@ -2,9 +2,16 @@ import { connect, type Socket } from 'node:net'
 import type { UpstreamTarget } from './options'
 import { UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
 
-// Every upstream reads into this one buffer (Node's `onread`), skipping the stream machinery and a fresh
-// 64 KiB allocation per read; each read is copied out before the next can happen, so one buffer serves all.
-const READ_BUFFER = Buffer.allocUnsafe(64 * 1024)
+// Upstreams read through Node's `onread`, skipping the stream machinery. All of them share one read buffer:
+// reads happen one at a time and each is handed on before the next. A small read is copied out (into Node's
+// pooled memory) and the buffer reused; a large one is handed on as it is, and a fresh buffer takes its place.
+const READ_SIZE = 64 * 1024
+const LARGE_READ = 16 * 1024
+let readBuffer = Buffer.allocUnsafe(READ_SIZE)
+
+function currentReadBuffer (): Buffer {
+  return readBuffer
+}
 
 /** Where an upstream's bytes go: return false to stop reading until `socket.resume()`. */
 export type UpstreamReader = (this: Socket, chunk: Buffer) => boolean
@@ -13,7 +20,14 @@ const kEarly = Symbol('wstunnel.early')
 type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null }
 
 function onUpstreamRead (this: ReadingSocket, length: number, buffer: Buffer): boolean {
-  return this[kReader](Buffer.from(buffer.subarray(0, length)))
+  let chunk: Buffer
+  if (length >= LARGE_READ) {
+    chunk = buffer.subarray(0, length)
+    readBuffer = Buffer.allocUnsafe(READ_SIZE)
+  } else {
+    chunk = Buffer.from(buffer.subarray(0, length))
+  }
+  return this[kReader](chunk)
 }
 
 /** Before a bridge adopts the upstream, what it sends (a server banner) is kept, and reading stops. */
@@ -37,7 +51,7 @@ export function readUpstream (socket: Socket, reader: UpstreamReader): void {
  *  Rejects with a 502 error if it is refused, or a 504 error after `timeout` ms. */
 export function connectUpstream (target: UpstreamTarget, timeout: number, preamble?: Buffer): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const onread = { buffer: READ_BUFFER, callback: onUpstreamRead }
+    const onread = { buffer: currentReadBuffer, callback: onUpstreamRead }
     const socket = ('path' in target
       ? connect({ path: target.path, onread })
       : connect({ host: target.host, port: target.port, noDelay: true, onread })) as ReadingSocket

@@ -123,3 +123,40 @@ test('a client text message that is not UTF-8 is closed with 1007 and never reac
   await new Promise(resolve => setTimeout(resolve, 50))
   assert.equal(Buffer.concat(received).length, 0)
 })
+
+test('an upstream that speaks first (a VNC or SMTP banner) is heard', { timeout: 10000 }, async (t) => {
+  // The banner is written the moment the gateway connects, while the client's handshake is still being answered.
+  const server = await startTcp(socket => {
+    socket.write('RFB 003.008\n')
+    socket.pipe(socket)
+  })
+  const gateway = await startGateway({ routes: { '/vnc': { upstream: server.address } } })
+  t.after(async () => { await gateway.app.close(); await server.close() })
+
+  const ws = await openClient(`${gateway.url}/vnc`)
+  assert.equal((await receiveBytes(ws, 12)).toString(), 'RFB 003.008\n')
+  ws.send('RFB 003.008\n')
+  assert.equal((await receiveBytes(ws, 24)).subarray(12).toString(), 'RFB 003.008\n')
+  ws.close()
+})
+
+test('messages that arrive together with the close frame reach the upstream, in order, before its FIN', { timeout: 10000 }, async (t) => {
+  const sink = await startTcp()
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+
+  const upstreamSocket = sink.nextSocket()
+  const ws = await openClient(`${gateway.url}/sink`)
+  const upstream = await upstreamSocket
+  const chunks: Buffer[] = []
+  upstream.on('data', (chunk: Buffer) => chunks.push(chunk))
+  const ended = once(upstream, 'end')
+  // Small messages, then a large one, then the close: all in one burst from the client.
+  const expected: Buffer[] = []
+  for (let i = 0; i < 200; i++) expected.push(Buffer.from(`${i};`))
+  expected.push(Buffer.alloc(100 * 1024, 'z'))
+  for (const message of expected) ws.send(message)
+  ws.close(1000)
+  await ended
+  assert.deepEqual(Buffer.concat(chunks), Buffer.concat(expected))
+})

@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
+import { connectUpstream, readUpstream } from '../lib/upstream'
 
 /** A port nothing listens on: bind one, note it, close it. */
 async function deadPort (): Promise<number> {
@@ -134,4 +135,19 @@ test('the echo route answers many concurrent clients', { timeout: 10000 }, async
     ws.close()
   }))
   await waitFor(() => gateway.app.wstunnel.connections === 0)
+})
+
+test('bytes an upstream sends before a bridge adopts it are kept, and come first', { timeout: 10000 }, async (t) => {
+  const server = await startTcp(socket => {
+    socket.write('banner 1\n')
+    setTimeout(() => socket.write('banner 2\n'), 20)
+  })
+  t.after(() => server.close())
+  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000)
+  t.after(() => upstream.destroy())
+  await new Promise(resolve => setTimeout(resolve, 100)) // both banners reach the gateway before anyone reads
+  const received: string[] = []
+  readUpstream(upstream, chunk => { received.push(chunk.toString()); return true })
+  server.sockets.values().next().value?.write('after\n')
+  await waitFor(() => received.join('') === 'banner 1\nbanner 2\nafter\n')
 })
