@@ -36,8 +36,7 @@ export interface BridgeContext {
  *  with backpressure each way, and closes each side when the other ends. */
 export class Bridge {
   alive = true
-  /** Client messages parsed in this tick, written to the upstream together at its end. */
-  queued: Buffer | Buffer[] | null = null
+  corked = false
   closedBy: ClosedBy | undefined
   code: number | undefined
   reason = ''
@@ -104,9 +103,7 @@ export class Bridge {
 
   /** Bytes queued in the gateway for this connection, both ways. */
   bufferedBytes (): number {
-    let queued = 0
-    if (this.queued !== null) for (const chunk of Array.isArray(this.queued) ? this.queued : [this.queued]) queued += chunk.length
-    return queued + this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
+    return this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
   }
 
   settle (): void {
@@ -128,43 +125,21 @@ export class Bridge {
 
 function clientOnMessage (this: WebSocket, data: Buffer): void {
   const bridge = bridgeOf(this)
+  const upstream = bridge.upstream
   bridge.alive = true
-  // Messages parsed from one read are gathered and go out in one write, after ws has parsed them all.
-  const queued = bridge.queued
-  if (queued === null) {
-    bridge.queued = data
-    process.nextTick(flush, bridge)
-  } else if (Array.isArray(queued)) {
-    queued.push(data)
-  } else {
-    bridge.queued = [queued, data]
+  if (!upstream.writable) return
+  // Messages parsed from one read go out in one write.
+  if (!bridge.corked) {
+    bridge.corked = true
+    upstream.cork()
+    process.nextTick(uncork, bridge)
   }
+  if (!upstream.write(data)) this.pause()
 }
 
-/** Bytes up to which gathered client messages are copied into one buffer; larger batches are written as they are. */
-const COALESCE_LIMIT = 16 * 1024
-
-function flush (bridge: Bridge): void {
-  const queued = bridge.queued
-  bridge.queued = null
-  const upstream = bridge.upstream
-  if (queued === null || !upstream.writable) return
-  let flowing: boolean
-  if (!Array.isArray(queued)) {
-    flowing = upstream.write(queued)
-  } else {
-    let total = 0
-    for (const chunk of queued) total += chunk.length
-    if (total <= COALESCE_LIMIT) {
-      flowing = upstream.write(Buffer.concat(queued, total))
-    } else {
-      upstream.cork()
-      for (const chunk of queued) upstream.write(chunk)
-      upstream.uncork()
-      flowing = upstream.writableLength < upstream.writableHighWaterMark
-    }
-  }
-  if (!flowing) bridge.ws.pause()
+function uncork (bridge: Bridge): void {
+  bridge.corked = false
+  bridge.upstream.uncork()
 }
 
 function upstreamOnDrain (this: Socket): void {
@@ -237,7 +212,6 @@ function clientOnClose (this: WebSocket, code: number, reason: Buffer): void {
   }
   bridge.context.bridges.delete(bridge)
   bridge.context.heartbeat?.delete(bridge)
-  flush(bridge) // messages that came with the close frame go before the FIN
   const upstream = bridge.upstream
   if (!upstream.destroyed) {
     const grace = bridge.context.route.closeTimeout
