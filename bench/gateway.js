@@ -4,7 +4,8 @@
 // argv[2] is the upstream ports as JSON; the listening port goes to the parent over IPC.
 // 'gc' makes it collect garbage and answer with its memory usage.
 const Fastify = require('fastify')
-const wstunnel = require('..')
+// argv[3], if given, is another checkout to load the plugin from (BENCH_COMPARE).
+const wstunnel = require(process.argv[3] ?? '..')
 
 async function main () {
   const ports = JSON.parse(process.argv[2])

@@ -64,11 +64,12 @@ async function startServers () {
   }
 }
 
-const systems = {
-  'fastify-wstunnel': {
+/** fastify-wstunnel as built in `module` (default: this checkout's dist). */
+function gatewaySystem (module) {
+  return {
     missing: () => null,
     async start (ports) {
-      const child = fork(join(__dirname, 'gateway.js'), [JSON.stringify(ports)], {
+      const child = fork(join(__dirname, 'gateway.js'), [JSON.stringify(ports), ...(module ? [module] : [])], {
         // BENCH_PROFILE=1 writes a CPU profile of the gateway to bench/.work when it stops.
         execArgv: ['--expose-gc', ...(process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${WORK}`] : [])],
         stdio: ['ignore', 'inherit', 'inherit', 'ipc']
@@ -86,8 +87,11 @@ const systems = {
         stop: stopper(child)
       }
     }
-  },
+  }
+}
 
+const systems = {
+  'fastify-wstunnel': gatewaySystem(),
   'direct TCP': {
     missing: () => null,
     async start () {
@@ -154,5 +158,8 @@ const systems = {
     }
   }
 }
+
+// BENCH_COMPARE=/path/to/a/checkout (built) adds that version as a system, to measure a change A B A B.
+if (process.env.BENCH_COMPARE) systems['fastify-wstunnel (compare)'] = gatewaySystem(process.env.BENCH_COMPARE)
 
 module.exports = { systems, startServers, which }

@@ -76,7 +76,9 @@ export async function backend (fastify: FastifyInstance, { routes, bridges }: Ba
         client: `${request.ip}:${request.socket.remotePort ?? 0}`,
         bridges,
         heartbeat,
-        preambleLength: pending.preambleLength
+        preambleLength: pending.preambleLength,
+        socket: request.raw.socket,
+        maxPayload: fastify.websocketServer.options.maxPayload ?? 0
       })
     }
 

@@ -5,12 +5,12 @@ import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
 import { TextFramer } from './text-frame'
 import { readUpstream } from './upstream'
+import { readClientFrames, serverFrame, type FrameTarget } from './frames'
 
 /** Bytes the gateway lets queue towards a client before it stops reading the upstream. */
 export const CLIENT_HIGH_WATER = 512 * 1024
 
 const kBridge = Symbol('wstunnel.bridge')
-const BINARY = { binary: true }
 const TEXT = { binary: false }
 
 type Tagged<T> = T & { [kBridge]: Bridge }
@@ -30,29 +30,30 @@ export interface BridgeContext {
   bridges: Set<Bridge>
   heartbeat: Heartbeat | null
   preambleLength: number
+  /** The client's TCP socket, which ws also writes to. */
+  socket: Socket
+  /** Largest client message, as ws's maxPayload (0: no limit). */
+  maxPayload: number
 }
 
 /** Pumps bytes both ways between an accepted WebSocket and its connected upstream socket,
  *  with backpressure each way, and closes each side when the other ends. */
-export class Bridge {
+export class Bridge implements FrameTarget {
   alive = true
-  corked = false
   closedBy: ClosedBy | undefined
   code: number | undefined
   reason = ''
   private open = 2 // the WebSocket and the upstream; the summary is logged when both have closed
   private readonly started = Date.now()
   readonly framer: TextFramer | null
-  readonly sendOptions: typeof BINARY
 
   constructor (readonly ws: WebSocket, readonly upstream: Socket, readonly context: BridgeContext) {
     const route = context.route
     this.framer = route.frame === 'text' ? new TextFramer(route.invalidUtf8) : null
-    this.sendOptions = route.frame === 'text' ? TEXT : BINARY
     ;(ws as Tagged<WebSocket>)[kBridge] = this
     ;(upstream as Tagged<Socket>)[kBridge] = this
-    // Listeners go on synchronously: the client may already have sent its first message.
-    ws.on('message', clientOnMessage)
+    // Synchronously: the client may already have sent its first message.
+    readClientFrames(ws, this, context.maxPayload)
     ws.on('close', clientOnClose)
     ws.on('error', clientOnError)
     ws.on('pong', clientOnPong)
@@ -67,6 +68,19 @@ export class Bridge {
     context.heartbeat?.add(this)
     readUpstream(upstream, upstreamOnData)
     context.log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
+  }
+
+  /** Client payload bytes, from one read of the client socket: one write to the upstream. */
+  clientData (bytes: Buffer): void {
+    this.alive = true
+    if (!this.upstream.writable) return
+    if (!this.upstream.write(bytes)) this.ws.pause()
+  }
+
+  /** The client broke the protocol: ws-style, close with the status and log it. */
+  clientFault (code: number, reason: string): void {
+    this.context.log.debug({ code, reason }, 'websocket protocol error')
+    this.close(code, reason, 'gateway')
   }
 
   /** Records how the connection ended, unless a side already did. */
@@ -123,25 +137,6 @@ export class Bridge {
   }
 }
 
-function clientOnMessage (this: WebSocket, data: Buffer): void {
-  const bridge = bridgeOf(this)
-  const upstream = bridge.upstream
-  bridge.alive = true
-  if (!upstream.writable) return
-  // Messages parsed from one read go out in one write.
-  if (!bridge.corked) {
-    bridge.corked = true
-    upstream.cork()
-    process.nextTick(uncork, bridge)
-  }
-  if (!upstream.write(data)) this.pause()
-}
-
-function uncork (bridge: Bridge): void {
-  bridge.corked = false
-  bridge.upstream.uncork()
-}
-
 function upstreamOnDrain (this: Socket): void {
   bridgeOf(this).ws.resume()
 }
@@ -150,22 +145,24 @@ function upstreamOnData (this: Socket, chunk: Buffer): boolean {
   const bridge = bridgeOf(this)
   const ws = bridge.ws
   if (ws.readyState !== WebSocket.OPEN) return true // the client is gone; the upstream is being drained to its end
-  let payload: Buffer | string | null = chunk
-  if (bridge.framer !== null) {
-    payload = bridge.framer.push(chunk)
-    if (payload === null) {
-      invalidText(bridge)
-      return false
-    }
-    if (payload.length === 0) return true
+  const socket = bridge.context.socket
+  // Past the high-water mark, stop reading until this frame reaches the kernel: the client sets the pace.
+  const full = socket.writableLength + chunk.length > CLIENT_HIGH_WATER
+  const resume = full ? () => { this.resume() } : undefined
+  if (bridge.framer === null) {
+    // One read, one frame, written straight to the socket: ws has nothing of its own queued
+    // (it queues only while compressing, which is off), so frames stay in order.
+    socket.write(serverFrame(chunk, false), resume)
+    return !full
   }
-  if (ws.bufferedAmount + chunk.length > CLIENT_HIGH_WATER) {
-    // Stop reading until this frame reaches the kernel: the client sets the pace.
-    ws.send(payload, bridge.sendOptions, () => this.resume())
+  const text = bridge.framer.push(chunk)
+  if (text === null) {
+    invalidText(bridge)
     return false
   }
-  ws.send(payload, bridge.sendOptions)
-  return true
+  if (text.length === 0) return true
+  ws.send(text, TEXT, resume)
+  return !full
 }
 
 function invalidText (bridge: Bridge): void {

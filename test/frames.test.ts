@@ -1,0 +1,208 @@
+import { test, type TestContext } from 'node:test'
+import assert from 'node:assert/strict'
+import { once } from 'node:events'
+import { connect, type Socket } from 'node:net'
+import { randomBytes } from 'node:crypto'
+import { startGateway, startTcp, waitFor, type TcpServer } from './helpers'
+
+// The gateway reads the client's frames itself (lib/frames.ts). These tests speak raw RFC 6455 from a TCP
+// socket, so they can cut frames anywhere and send what a well-behaved client library never would.
+
+const PING = 0x9
+const CLOSE = 0x8
+
+/** One client frame: masked unless `masked` is false; `rsv` is the three RSV bits (0-7). */
+function frame (opcode: number, payload: Buffer | string, { fin = true, masked = true, rsv = 0 } = {}): Buffer {
+  const data = Buffer.from(payload)
+  const length = data.length
+  const extra = length < 126 ? 0 : length < 0x10000 ? 2 : 8
+  const header = Buffer.alloc(2 + extra + (masked ? 4 : 0))
+  header[0] = (fin ? 0x80 : 0) | (rsv << 4) | opcode
+  header[1] = (masked ? 0x80 : 0) | (extra === 0 ? length : extra === 2 ? 126 : 127)
+  if (extra === 2) header.writeUInt16BE(length, 2)
+  if (extra === 8) header.writeBigUInt64BE(BigInt(length), 2)
+  if (!masked) return Buffer.concat([header, data])
+  const key = randomBytes(4)
+  key.copy(header, 2 + extra)
+  const body = Buffer.alloc(length)
+  for (let i = 0; i < length; i++) body[i] = data[i] ^ key[i & 3]
+  return Buffer.concat([header, body])
+}
+
+/** A server frame the client received. */
+interface ServerFrame { opcode: number, payload: Buffer }
+
+/** A raw WebSocket client: the handshake done, the server's frames parsed as they come. */
+interface RawClient { socket: Socket, frames: ServerFrame[], ended: boolean }
+
+async function openRaw (url: string): Promise<RawClient> {
+  const { hostname, port, pathname } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  socket.setNoDelay(true)
+  await once(socket, 'connect')
+  socket.write(`GET ${pathname} HTTP/1.1\r\nHost: ${hostname}:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+    `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\n\r\n`)
+  const client: RawClient = { socket, frames: [], ended: false }
+  let buffered = Buffer.alloc(0)
+  let upgraded = false
+  socket.on('data', (chunk: Buffer) => {
+    buffered = Buffer.concat([buffered, chunk])
+    if (!upgraded) {
+      const end = buffered.indexOf('\r\n\r\n')
+      if (end < 0) return
+      assert.match(buffered.subarray(0, end).toString(), /^HTTP\/1.1 101 /)
+      upgraded = true
+      buffered = buffered.subarray(end + 4)
+    }
+    while (buffered.length >= 2) {
+      let length = buffered[1] & 0x7f
+      let offset = 2
+      if (length === 126) { length = buffered.readUInt16BE(2); offset = 4 }
+      if (length === 127) { length = Number(buffered.readBigUInt64BE(2)); offset = 10 }
+      if (buffered.length < offset + length) return
+      client.frames.push({ opcode: buffered[0] & 0x0f, payload: buffered.subarray(offset, offset + length) })
+      buffered = buffered.subarray(offset + length)
+    }
+  })
+  socket.on('close', () => { client.ended = true })
+  await waitFor(() => upgraded)
+  return client
+}
+
+/** Writes `bytes` cut at `cuts`, pausing between the pieces so that the gateway reads them apart. */
+async function writeCut (socket: Socket, bytes: Buffer, cuts: number[]): Promise<void> {
+  let from = 0
+  for (const cut of [...cuts, bytes.length]) {
+    socket.write(bytes.subarray(from, cut))
+    from = cut
+    await new Promise(resolve => setTimeout(resolve, 3))
+  }
+}
+
+/** Resolves with the close frame's code and reason once the gateway has sent one. */
+async function closeFrame (client: RawClient): Promise<{ code: number, reason: string }> {
+  await waitFor(() => client.frames.some(f => f.opcode === CLOSE))
+  const { payload } = client.frames.find(f => f.opcode === CLOSE) as ServerFrame
+  return { code: payload.readUInt16BE(0), reason: payload.subarray(2).toString() }
+}
+
+async function sinkGateway (t: TestContext, maxPayload?: number): Promise<{ sink: TcpServer, url: string, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
+  const chunks: Buffer[] = []
+  const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => chunks.push(chunk)))
+  const gateway = await startGateway({ ...(maxPayload === undefined ? {} : { maxPayload }), routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+  return { sink, url: `${gateway.url}/sink`, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed') }
+}
+
+test('frames cut anywhere (in the header, length, mask or payload) still give the exact bytes', { timeout: 20000 }, async (t) => {
+  const { sink, url, received } = await sinkGateway(t)
+  const upstream = sink.nextSocket()
+  const client = await openRaw(url)
+  await upstream
+
+  const small = randomBytes(10)
+  const medium = randomBytes(300) // 16-bit length
+  const large = randomBytes(70000) // 64-bit length: JS and native unmasking both
+  const parts = [randomBytes(5), randomBytes(7), randomBytes(1)]
+  const text = Buffer.from('naïve — ☃ 😀 done') // multi-byte characters cut between fragments below
+  const stream = Buffer.concat([
+    frame(2, small),
+    frame(2, medium),
+    frame(2, parts[0], { fin: false }),
+    frame(PING, 'are you there'), // a control frame between fragments
+    frame(0, parts[1], { fin: false }),
+    frame(0, parts[2]),
+    frame(1, text.subarray(0, 7), { fin: false }), // 'ï' is bytes 3-4, '—' 6-8: cut inside it
+    frame(0, text.subarray(7, 13), { fin: false }),
+    frame(0, text.subarray(13)),
+    frame(2, Buffer.alloc(0)), // empty messages carry nothing and break nothing
+    frame(2, large)
+  ])
+  // Cut after 1 byte of a header, inside a 16-bit length, inside a mask, at odd payload offsets, and
+  // one byte at a time through the first frames.
+  const cuts = [1, 2, 3, 5, 7, 9, 11, 13, 17, 20, 23, 29, 40, 100, 250, 333, 340, 360, 380, 400, 420, 440, 460, 470, 480, 490, 600, 5000, 40000, 70000]
+  await writeCut(client.socket, stream, cuts.filter(cut => cut < stream.length))
+
+  const expected = Buffer.concat([small, medium, ...parts, text, large])
+  await waitFor(() => received().length >= expected.length, 10000)
+  assert.equal(received().length, expected.length)
+  assert.ok(received().equals(expected), 'the upstream got the payloads, unmasked and in order')
+  const pong = client.frames.find(f => f.opcode === 0xa)
+  assert.equal(pong?.payload.toString(), 'are you there', 'ws answered the ping that came between fragments')
+  assert.equal(client.frames.some(f => f.opcode === CLOSE), false)
+  client.socket.destroy()
+})
+
+test('a text message is handed on only once it is whole and valid UTF-8', { timeout: 10000 }, async (t) => {
+  const { sink, url, received, logs } = await sinkGateway(t)
+  const upstream = sink.nextSocket()
+  const client = await openRaw(url)
+  await upstream
+
+  client.socket.write(Buffer.concat([frame(1, 'first '), frame(1, Buffer.from('ab\xe2\x98'), { fin: false })]))
+  await new Promise(resolve => setTimeout(resolve, 50))
+  assert.equal(received().toString(), 'first ', 'half a text message is held back')
+  // The character completes in the next fragment, and then the message carries an invalid byte.
+  client.socket.write(Buffer.concat([frame(0, Buffer.from([0x83]), { fin: false }), frame(0, Buffer.from([0xff]))]))
+  assert.deepEqual(await closeFrame(client), { code: 1007, reason: 'invalid UTF-8 in a text message' })
+  client.socket.destroy()
+  await waitFor(() => logs().length === 1)
+  assert.equal(received().toString(), 'first ', 'nothing of the invalid message reached the upstream')
+  assert.equal(logs()[0].closedBy, 'gateway')
+})
+
+const faults: Array<{ name: string, frames: () => Buffer[], code: number, reason: string }> = [
+  { name: 'RSV bits set without an extension', frames: () => [frame(2, 'x', { rsv: 4 })], code: 1002, reason: 'RSV bits must be clear' },
+  { name: 'an unmasked client frame', frames: () => [frame(2, 'x', { masked: false })], code: 1002, reason: 'client frames must be masked' },
+  { name: 'a continuation with no message', frames: () => [frame(0, 'x')], code: 1002, reason: 'continuation frame outside a message' },
+  { name: 'a new message inside a fragmented one', frames: () => [frame(2, 'x', { fin: false }), frame(2, 'y')], code: 1002, reason: 'new message before the last one ended' },
+  { name: 'an unknown opcode', frames: () => [frame(3, 'x')], code: 1002, reason: 'unknown opcode 3' },
+  { name: 'a message whose fragments add up past maxPayload', frames: () => [frame(2, Buffer.alloc(600), { fin: false }), frame(0, Buffer.alloc(600))], code: 1009, reason: 'message too big' }
+]
+
+for (const fault of faults) {
+  test(`${fault.name} closes with ${fault.code}; the messages before it are kept`, { timeout: 10000 }, async (t) => {
+    const { sink, url, received, logs } = await sinkGateway(t, 1000)
+    const upstream = sink.nextSocket()
+    const client = await openRaw(url)
+    await upstream
+    client.socket.write(Buffer.concat([frame(2, 'before;'), ...fault.frames(), frame(2, 'after;')]))
+    assert.deepEqual(await closeFrame(client), { code: fault.code, reason: fault.reason })
+    client.socket.destroy()
+    await waitFor(() => logs().length === 1)
+    const forwarded = received().toString()
+    assert.equal(forwarded.startsWith('before;'), true)
+    assert.equal(forwarded.includes('after;'), false, 'nothing after the bad frame is read')
+    assert.deepEqual([logs()[0].code, logs()[0].closedBy, logs()[0].reason], [fault.code, 'gateway', fault.reason])
+  })
+}
+
+test('control frames are ws\'s to check: a ping over 125 bytes closes with 1002', { timeout: 10000 }, async (t) => {
+  const { sink, url, received } = await sinkGateway(t)
+  const upstream = sink.nextSocket()
+  const client = await openRaw(url)
+  await upstream
+  client.socket.write(Buffer.concat([frame(2, 'before;'), frame(PING, Buffer.alloc(126)), frame(2, 'after;')]))
+  assert.equal((await closeFrame(client)).code, 1002)
+  await new Promise(resolve => setTimeout(resolve, 50))
+  assert.equal(received().toString(), 'before;')
+  client.socket.destroy()
+})
+
+test('nothing after a close frame is read, and the close handshake completes', { timeout: 10000 }, async (t) => {
+  const { sink, url, received, logs } = await sinkGateway(t)
+  const upstream = sink.nextSocket()
+  const client = await openRaw(url)
+  await upstream
+  const code = Buffer.alloc(2)
+  code.writeUInt16BE(4000)
+  client.socket.write(Buffer.concat([frame(2, 'last;'), frame(CLOSE, Buffer.concat([code, Buffer.from('bye')])), frame(2, 'ignored;')]))
+  assert.deepEqual(await closeFrame(client), { code: 4000, reason: 'bye' })
+  await waitFor(() => received().length >= 'last;'.length)
+  // Both close frames have crossed: ws ends the TCP connection when the client does.
+  client.socket.end()
+  await waitFor(() => client.ended)
+  await waitFor(() => logs().length === 1)
+  assert.equal(received().toString(), 'last;')
+  assert.deepEqual([logs()[0].code, logs()[0].closedBy, logs()[0].reason], [4000, 'client', 'bye'])
+})
