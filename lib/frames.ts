@@ -16,6 +16,7 @@ const EMPTY = Buffer.alloc(0)
 const scratchMask = Buffer.alloc(4)
 const kReader = Symbol('wstunnel.frame-reader')
 const passToReceiver: (this: Writable, chunk: Buffer) => boolean = Writable.prototype.write
+const endWritable: (this: Writable) => Writable = Writable.prototype.end
 
 /** Where the reader sends what it parsed. */
 export interface FrameTarget {
@@ -59,6 +60,14 @@ export function readClientFrames (ws: WebSocket, target: FrameTarget, maxPayload
   receiver[kReader] = new ClientFrameReader(ws as WebSocketInternals, receiver, target, maxPayload)
   // ws hands every byte it reads to `_receiver.write()`, including what is left in the socket when it closes.
   receiver.write = readerWrite
+  receiver.end = receiverEnd
+}
+
+// ws ends the Receiver on the close frame and again when the socket ends and closes; each later call makes
+// Node build an ERR_STREAM_ALREADY_FINISHED with a stack trace, only to drop it. Skip those calls.
+function receiverEnd (this: ReceiverWithReader): ReceiverWithReader {
+  if (!this.writableFinished && !this.destroyed) endWritable.call(this)
+  return this
 }
 
 function readerWrite (this: ReceiverWithReader, chunk: Buffer): boolean {
