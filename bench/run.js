@@ -182,11 +182,13 @@ function renderTargets (summaries) {
     lines.push(`| ${target.text} | ${fmt(ours)} | ${fmt(bound)} | ${met} |`)
   }
   lines.push('')
-  lines.push('Where the gaps are (from `BENCH_PROFILE=1` and the syscall counts in /proc/PID/io): the gateway makes as ' +
-    'many read and write system calls per message as lighttpd (about one per 8 messages each way), so the difference in ' +
-    'the small-message scenarios is per-event cost in Node and `ws` (stream machinery, frame parsing, one event per ' +
-    'message): about 2.6–3.6 CPU µs per echoed message against lighttpd\'s 1.4, and one extra event-loop turn per hop ' +
-    'in latency. The handshake goes through Node\'s HTTP parser, Fastify routing and hooks and `ws`\'s upgrade. ' +
+  lines.push('Where the gaps are (from `BENCH_PROFILE=1`, /proc/PID/io and per-thread /proc times, 2026-11-24): the gateway ' +
+    'makes as many read and write system calls per message as lighttpd (about one per 8 messages each way) and spends ' +
+    'about as much kernel time per message (~1.1 µs). The difference is user time: about 1 µs per echoed message ' +
+    'against lighttpd\'s 0.25, now almost all in Node\'s per-read and per-write cost (stream events, write requests, ' +
+    'callbacks), not in JavaScript of ours or ws\'s. The load client shares the same 2 cores, so every µs the gateway ' +
+    'spends is taken from it. A handshake costs the gateway about 400 CPU µs (accept, Node\'s HTTP parser, Fastify ' +
+    'routing and hooks, the upstream connect, ws\'s upgrade, two sockets closed) against lighttpd\'s ~130. ' +
     'Run-to-run spread on this shared 2-core machine is large (see min–max): compare the systems within one run only.', '')
   return lines
 }

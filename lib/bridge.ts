@@ -53,7 +53,7 @@ export class Bridge implements FrameTarget {
     ;(ws as Tagged<WebSocket>)[kBridge] = this
     ;(upstream as Tagged<Socket>)[kBridge] = this
     // Synchronously: the client may already have sent its first message.
-    readClientFrames(ws, this, context.maxPayload)
+    if (!readClientFrames(ws, this, context.maxPayload)) ws.on('message', clientOnMessage)
     ws.on('close', clientOnClose)
     ws.on('error', clientOnError)
     ws.on('pong', clientOnPong)
@@ -135,6 +135,11 @@ export class Bridge implements FrameTarget {
       reason: this.reason
     }, 'wstunnel bridge closed')
   }
+}
+
+/** Only with a ws whose internals the frame reader does not know: whole messages, one write each. */
+function clientOnMessage (this: WebSocket, data: Buffer): void {
+  bridgeOf(this).clientData(data)
 }
 
 function upstreamOnDrain (this: Socket): void {

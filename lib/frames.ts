@@ -54,13 +54,17 @@ type ReceiverWithReader = Writable & { [kReader]: ClientFrameReader, _errored: b
 type WebSocketInternals = WebSocket & { _receiver: ReceiverWithReader, _closeFrameReceived: boolean }
 
 /** Reads the client's frames from now on, in place of ws's Receiver, which keeps only the control frames.
- *  `maxPayload` (0: none) bounds a message, as it does in ws. */
-export function readClientFrames (ws: WebSocket, target: FrameTarget, maxPayload: number): void {
-  const receiver = (ws as WebSocketInternals)._receiver
+ *  `maxPayload` (0: none) bounds a message, as it does in ws. Returns false, changing nothing, if this ws
+ *  does not have the internals the reader relies on: the caller then listens for ws's 'message' events. */
+export function readClientFrames (ws: WebSocket, target: FrameTarget, maxPayload: number): boolean {
+  const internals = ws as Partial<WebSocketInternals>
+  const receiver = internals._receiver
+  if (receiver === undefined || typeof receiver._errored !== 'boolean' || typeof internals._closeFrameReceived !== 'boolean') return false
   receiver[kReader] = new ClientFrameReader(ws as WebSocketInternals, receiver, target, maxPayload)
   // ws hands every byte it reads to `_receiver.write()`, including what is left in the socket when it closes.
   receiver.write = readerWrite
   receiver.end = receiverEnd
+  return true
 }
 
 // ws ends the Receiver on the close frame and again when the socket ends and closes; each later call makes

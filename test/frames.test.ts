@@ -3,6 +3,8 @@ import assert from 'node:assert/strict'
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
+import websocket from '@fastify/websocket'
+import type { WebSocket } from 'ws'
 import { startGateway, startTcp, waitFor, type TcpServer } from './helpers'
 
 // The gateway reads the client's frames itself (lib/frames.ts). These tests speak raw RFC 6455 from a TCP
@@ -205,4 +207,25 @@ test('nothing after a close frame is read, and the close handshake completes', {
   await waitFor(() => logs().length === 1)
   assert.equal(received().toString(), 'last;')
   assert.deepEqual([logs()[0].code, logs()[0].closedBy, logs()[0].reason], [4000, 'client', 'bye'])
+})
+
+test('with a ws whose internals it does not know, the bridge falls back to ws\'s messages', { timeout: 10000 }, async (t) => {
+  const chunks: Buffer[] = []
+  const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => chunks.push(chunk)))
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } }, async (app) => {
+    await app.register(websocket)
+    // @fastify/websocket announces each connection before the route sees it: hide one internal.
+    app.websocketServer.on('connection', (ws: WebSocket) => { delete (ws as unknown as { _receiver: { _errored?: boolean } })._receiver._errored })
+  })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+  const upstream = sink.nextSocket()
+  const client = await openRaw(`${gateway.url}/sink`)
+  await upstream
+  client.socket.write(Buffer.concat([frame(2, 'one;', { fin: false }), frame(0, 'two;'), frame(1, 'three;')]))
+  await waitFor(() => Buffer.concat(chunks).toString() === 'one;two;three;')
+  client.socket.write(frame(2, 'x', { rsv: 4 }))
+  const { code, reason } = await closeFrame(client)
+  assert.equal(code, 1002)
+  assert.equal(reason, '', 'ws, not the reader, refused the frame')
+  client.socket.destroy()
 })
