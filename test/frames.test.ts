@@ -5,7 +5,7 @@ import { connect, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import websocket from '@fastify/websocket'
 import type { WebSocket } from 'ws'
-import { startGateway, startTcp, waitFor, type TcpServer } from './helpers'
+import { startGateway, startTcp, waitFor } from './helpers'
 
 // The gateway reads the client's frames itself (lib/frames.ts). These tests speak raw RFC 6455 from a TCP
 // socket, so they can cut frames anywhere and send what a well-behaved client library never would.
@@ -88,19 +88,20 @@ async function closeFrame (client: RawClient): Promise<{ code: number, reason: s
   return { code: payload.readUInt16BE(0), reason: payload.subarray(2).toString() }
 }
 
-async function sinkGateway (t: TestContext, maxPayload?: number): Promise<{ sink: TcpServer, url: string, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
+/** A gateway in front of a sink that keeps what it receives, and a raw client bridged to it. */
+async function bridgedToSink (t: TestContext, maxPayload?: number): Promise<{ client: RawClient, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
   const chunks: Buffer[] = []
   const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => chunks.push(chunk)))
   const gateway = await startGateway({ ...(maxPayload === undefined ? {} : { maxPayload }), routes: { '/sink': { upstream: sink.address } } })
   t.after(async () => { await gateway.app.close(); await sink.close() })
-  return { sink, url: `${gateway.url}/sink`, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed') }
+  const upstream = sink.nextSocket()
+  const client = await openRaw(`${gateway.url}/sink`)
+  await upstream
+  return { client, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed') }
 }
 
 test('frames cut anywhere (in the header, length, mask or payload) still give the exact bytes', { timeout: 20000 }, async (t) => {
-  const { sink, url, received } = await sinkGateway(t)
-  const upstream = sink.nextSocket()
-  const client = await openRaw(url)
-  await upstream
+  const { client, received } = await bridgedToSink(t)
 
   const small = randomBytes(10)
   const medium = randomBytes(300) // 16-bit length
@@ -136,10 +137,7 @@ test('frames cut anywhere (in the header, length, mask or payload) still give th
 })
 
 test('a text message is handed on only once it is whole and valid UTF-8', { timeout: 10000 }, async (t) => {
-  const { sink, url, received, logs } = await sinkGateway(t)
-  const upstream = sink.nextSocket()
-  const client = await openRaw(url)
-  await upstream
+  const { client, received, logs } = await bridgedToSink(t)
 
   client.socket.write(Buffer.concat([frame(1, 'first '), frame(1, Buffer.from('ab\xe2\x98'), { fin: false })]))
   await new Promise(resolve => setTimeout(resolve, 50))
@@ -164,10 +162,7 @@ const faults: Array<{ name: string, frames: () => Buffer[], code: number, reason
 
 for (const fault of faults) {
   test(`${fault.name} closes with ${fault.code}; the messages before it are kept`, { timeout: 10000 }, async (t) => {
-    const { sink, url, received, logs } = await sinkGateway(t, 1000)
-    const upstream = sink.nextSocket()
-    const client = await openRaw(url)
-    await upstream
+    const { client, received, logs } = await bridgedToSink(t, 1000)
     client.socket.write(Buffer.concat([frame(2, 'before;'), ...fault.frames(), frame(2, 'after;')]))
     assert.deepEqual(await closeFrame(client), { code: fault.code, reason: fault.reason })
     client.socket.destroy()
@@ -180,10 +175,7 @@ for (const fault of faults) {
 }
 
 test('control frames are ws\'s to check: a ping over 125 bytes closes with 1002', { timeout: 10000 }, async (t) => {
-  const { sink, url, received } = await sinkGateway(t)
-  const upstream = sink.nextSocket()
-  const client = await openRaw(url)
-  await upstream
+  const { client, received } = await bridgedToSink(t)
   client.socket.write(Buffer.concat([frame(2, 'before;'), frame(PING, Buffer.alloc(126)), frame(2, 'after;')]))
   assert.equal((await closeFrame(client)).code, 1002)
   await new Promise(resolve => setTimeout(resolve, 50))
@@ -192,10 +184,7 @@ test('control frames are ws\'s to check: a ping over 125 bytes closes with 1002'
 })
 
 test('nothing after a close frame is read, and the close handshake completes', { timeout: 10000 }, async (t) => {
-  const { sink, url, received, logs } = await sinkGateway(t)
-  const upstream = sink.nextSocket()
-  const client = await openRaw(url)
-  await upstream
+  const { client, received, logs } = await bridgedToSink(t)
   const code = Buffer.alloc(2)
   code.writeUInt16BE(4000)
   client.socket.write(Buffer.concat([frame(2, 'last;'), frame(CLOSE, Buffer.concat([code, Buffer.from('bye')])), frame(2, 'ignored;')]))
