@@ -5,7 +5,7 @@ import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
 import { TextFramer } from './text-frame'
 import { readUpstream } from './upstream'
-import { readClientFrames, serverFrame, type FrameTarget } from './frames'
+import { readClientFrames, binaryFrame, type FrameTarget } from './frames'
 
 /** Bytes the gateway lets queue towards a client before it stops reading the upstream. */
 export const CLIENT_HIGH_WATER = 512 * 1024
@@ -157,7 +157,7 @@ function upstreamOnData (this: Socket, chunk: Buffer): boolean {
   if (bridge.framer === null) {
     // One read, one frame, written straight to the socket: ws has nothing of its own queued
     // (it queues only while compressing, which is off), so frames stay in order.
-    socket.write(serverFrame(chunk, false), resume)
+    socket.write(binaryFrame(chunk), resume)
     return !full
   }
   const text = bridge.framer.push(chunk)

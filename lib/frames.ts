@@ -27,16 +27,16 @@ export interface FrameTarget {
   clientFault (code: number, reason: string): void
 }
 
-/** Room a payload needs in front of it for `serverFrame` to put the largest header there. */
+/** Room a payload needs in front of it for `binaryFrame` to put the largest header there. */
 export const FRAME_HEADROOM = 10
 
-/** Writes an unmasked final-frame header (binary if `text` is false) into the FRAME_HEADROOM bytes that
- *  precede `payload` in its memory, and returns header and payload as one buffer. */
-export function serverFrame (payload: Buffer, text: boolean): Buffer {
+/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes that precede `payload`
+ *  in its memory, and returns header and payload as one buffer. */
+export function binaryFrame (payload: Buffer): Buffer {
   const length = payload.length
   const header = length < 126 ? 2 : length < 0x10000 ? 4 : 10
   const frame = Buffer.from(payload.buffer, payload.byteOffset - header, length + header)
-  frame[0] = text ? 0x81 : 0x82
+  frame[0] = 0x82
   if (header === 2) {
     frame[1] = length
   } else if (header === 4) {
