@@ -252,10 +252,10 @@ async function handshakeRate (system, servers, { concurrency = 32 } = {}) {
     }
   }
   const workers = Array.from({ length: concurrency }, worker)
-  const { bytes, seconds } = await measureWindow(system, async () => done)
+  const { bytes, seconds, cpu } = await measureWindow(system, async () => done)
   state.running = false
   await Promise.race([Promise.all(workers), sleep(5000)])
-  return { value: bytes / seconds, failed }
+  return { value: bytes / seconds, cpuPerConnection: system.pids.length > 0 && bytes > 0 ? cpu / bytes * 1e6 : null, failed }
 }
 
 /** Gateway memory per idle bridged connection: RSS (after a forced GC where there is one) with 5,000

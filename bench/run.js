@@ -24,8 +24,10 @@ const scenarios = [
   { id: 'echo', title: 'Echo message rate, 100 connections × 16 messages of 64 B in flight', unit: 'msg/s', run: load.echoRate, cpu: 'cpuPerMillion', higher: true },
   { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, extra: 'p99', higher: false },
   { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false },
-  { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, higher: true }
+  { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, cpu: 'cpuPerConnection', higher: true }
 ]
+
+const CPU_UNITS = { cpuPerGB: 'CPU s per GB', cpuPerMillion: 'CPU s per million msgs', cpuPerConnection: 'CPU µs per connection' }
 
 const median = values => {
   const sorted = [...values].sort((a, b) => a - b)
@@ -78,7 +80,7 @@ async function main () {
           }
           ;(results[scenario.id][name] ??= []).push(result)
           await new Promise(resolve => setTimeout(resolve, SETTLE)) // let closing connections and processes finish
-          const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'perRead', 'perWrite', 'failed']
+          const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'cpuPerConnection', 'perRead', 'perWrite', 'failed']
             .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
           console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
         }
@@ -130,7 +132,7 @@ function render (chosen, present, results, skipped) {
     const header = ['system', `${scenario.unit} (median)`, 'min–max']
     if (scenario.extra) header.push(`${scenario.extra} µs`)
     header.push('× lighttpd', '× direct TCP')
-    if (scenario.cpu) header.push(scenario.cpu === 'cpuPerGB' ? 'CPU s per GB' : 'CPU s per million msgs')
+    if (scenario.cpu) header.push(CPU_UNITS[scenario.cpu])
     lines.push(`| ${header.join(' | ')} |`, `|${header.map(() => ' --- ').join('|')}|`)
     for (const name of present) {
       const s = summary[name]

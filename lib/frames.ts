@@ -1,11 +1,13 @@
 import { isUtf8 } from 'node:buffer'
 import { Writable } from 'node:stream'
 import type WebSocket from 'ws'
+import type { Socket } from 'node:net'
 import { mask as maskInto, unmask as unmaskInPlace } from 'bufferutil'
+import { readIntoSharedBuffer, takeReadBuffer } from './read-buffer'
 
 // A bridge carries a byte stream, so it needs the bytes of the client's data frames, not whole messages.
-// This reader takes them straight off the socket: each read's payloads are unmasked into one buffer and
-// handed on in one piece. The other way, an upstream read becomes one frame written with one call.
+// This reader takes them straight off the socket, read into the shared read buffer (read-buffer.ts): each
+// read's payloads are unmasked into one buffer and handed on in one piece. The other way, an upstream read becomes one frame written with one call.
 // ws still does the rest: the handshake, ping/pong and the closing handshake (control frames go whole to
 // its own Receiver, and it sends its own).
 
@@ -16,6 +18,7 @@ const IN_PLACE = 16 * 1024 // binary payloads this large in one read are unmaske
 const EMPTY = Buffer.alloc(0)
 const scratchMask = Buffer.alloc(4)
 const kReader = Symbol('wstunnel.frame-reader')
+const kSocketReader = Symbol('wstunnel.socket-frame-reader')
 const passToReceiver: (this: Writable, chunk: Buffer) => boolean = Writable.prototype.write
 const endWritable: (this: Writable) => Writable = Writable.prototype.end
 
@@ -27,10 +30,7 @@ export interface FrameTarget {
   clientFault (code: number, reason: string): void
 }
 
-/** Room a payload needs in front of it for `binaryFrame` to put the largest header there. */
-export const FRAME_HEADROOM = 10
-
-/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes that precede `payload`
+/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes (read-buffer.ts) that precede `payload`
  *  in its memory, and returns header and payload as one buffer. */
 export function binaryFrame (payload: Buffer): Buffer {
   const length = payload.length
@@ -52,7 +52,8 @@ export function binaryFrame (payload: Buffer): Buffer {
 
 // The parts of ws's WebSocket and Receiver the reader relies on (ws 8; test/frames.test.ts pins them).
 type ReceiverWithReader = Writable & { [kReader]: ClientFrameReader, _errored: boolean }
-type WebSocketInternals = WebSocket & { _receiver: ReceiverWithReader, _closeFrameReceived: boolean }
+type WebSocketInternals = WebSocket & { _receiver: ReceiverWithReader, _closeFrameReceived: boolean, _socket: Socket }
+type SocketWithReader = Socket & { [kSocketReader]: ClientFrameReader }
 
 /** Reads the client's frames from now on, in place of ws's Receiver, which keeps only the control frames.
  *  `maxPayload` (0: none) bounds a message, as it does in ws. Returns false, changing nothing, if this ws
@@ -61,10 +62,21 @@ export function readClientFrames (ws: WebSocket, target: FrameTarget, maxPayload
   const internals = ws as Partial<WebSocketInternals>
   const receiver = internals._receiver
   if (receiver === undefined || typeof receiver._errored !== 'boolean' || typeof internals._closeFrameReceived !== 'boolean') return false
-  receiver[kReader] = new ClientFrameReader(ws as WebSocketInternals, receiver, target, maxPayload)
-  // ws hands every byte it reads to `_receiver.write()`, including what is left in the socket when it closes.
+  const reader = receiver[kReader] = new ClientFrameReader(ws as WebSocketInternals, receiver, target, maxPayload)
+  // ws hands every byte it reads to `_receiver.write()`: what came with the upgrade request, and what is left
+  // in the socket when it closes. Every later read goes from the socket to the reader, into the shared buffer.
   receiver.write = readerWrite
   receiver.end = receiverEnd
+  const socket = (ws as WebSocketInternals)._socket
+  if (readIntoSharedBuffer(socket, onClientRead)) {
+    (socket as SocketWithReader)[kSocketReader] = reader
+    reader.shared = true
+  }
+  return true
+}
+
+function onClientRead (this: Socket, length: number, buffer: Buffer): boolean {
+  (this as SocketWithReader)[kSocketReader].push(buffer, length)
   return true
 }
 
@@ -76,11 +88,13 @@ function receiverEnd (this: ReceiverWithReader): ReceiverWithReader {
 }
 
 function readerWrite (this: ReceiverWithReader, chunk: Buffer): boolean {
-  this[kReader].push(chunk)
+  this[kReader].push(chunk, chunk.length)
   return true
 }
 
 class ClientFrameReader {
+  /** True when reads come in the shared read buffer: no part of it may be kept past a read, unless taken. */
+  shared = false
   private partial: Buffer | null = null // the start of a header cut by the end of a read
   private control = 0 // bytes of a control frame still to pass to the Receiver
   private left = 0 // payload bytes still to come in the current data frame
@@ -104,23 +118,27 @@ class ClientFrameReader {
     private readonly maxPayload: number
   ) {}
 
-  push (chunk: Buffer): void {
+  /** Reads the first `length` bytes of `chunk`. */
+  push (chunk: Buffer, length: number): void {
     if (this.done) return
+    let shared = this.shared
     if (this.partial !== null) {
-      chunk = Buffer.concat([this.partial, chunk])
+      chunk = Buffer.concat([this.partial, chunk.subarray(0, length)])
+      length = chunk.length
       this.partial = null
+      shared = false
     }
     this.out = EMPTY
     this.used = 0
     this.handed = 0
     this.textStart = 0
-    const length = chunk.length
     let i = 0
     while (i < length && !this.done) {
       if (this.control > 0) {
         const count = Math.min(this.control, length - i)
         this.control -= count
-        passToReceiver.call(this.receiver, chunk.subarray(i, i + count))
+        // Copied: the Receiver keeps a control frame cut by the end of a read until the rest comes.
+        passToReceiver.call(this.receiver, Buffer.from(chunk.subarray(i, i + count)))
         i += count
         // After a close frame, or a control frame ws refused, nothing more is read.
         if (this.ws._closeFrameReceived || this.receiver._errored) this.done = true
@@ -132,6 +150,10 @@ class ClientFrameReader {
           this.turnKey()
           unmaskInPlace(chunk.subarray(i, i + count), scratchMask)
           this.keyOffset += count
+          if (shared) {
+            takeReadBuffer()
+            shared = false
+          }
           this.target.clientData(chunk.subarray(i, i + count))
         } else {
           if (this.out.length === 0) this.out = Buffer.allocUnsafe(length - i)
@@ -141,9 +163,9 @@ class ClientFrameReader {
         this.left -= count
         if (this.left === 0 && this.fin) this.endMessage()
       } else {
-        const header = this.header(chunk, i)
+        const header = this.header(chunk, i, length)
         if (header < 0) {
-          this.partial = chunk.subarray(i)
+          this.partial = Buffer.from(chunk.subarray(i, length))
           break
         }
         i += header
@@ -158,9 +180,9 @@ class ClientFrameReader {
     this.out = EMPTY
   }
 
-  /** Reads the frame header at `at`; returns the bytes it took, or -1 if the read ends before it does. */
-  private header (chunk: Buffer, at: number): number {
-    const available = chunk.length - at
+  /** Reads the frame header at `at`; returns the bytes it took, or -1 if the read ends (at `end`) before it does. */
+  private header (chunk: Buffer, at: number, end: number): number {
+    const available = end - at
     if (available < 2) return -1
     const b0 = chunk[at]
     const b1 = chunk[at + 1]

@@ -1,25 +1,18 @@
 import { connect, type Socket } from 'node:net'
 import type { UpstreamTarget } from './options'
 import { UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
-import { FRAME_HEADROOM } from './frames'
+import { FRAME_HEADROOM, currentReadBuffer, takeReadBuffer } from './read-buffer'
 
-// Upstreams read through Node's `onread`, skipping the stream machinery. All of them share one read buffer:
-// reads happen one at a time and each is handed on before the next. A small read is copied out (into Node's
-// pooled memory) and the buffer reused; a large one is handed on as it is, and a fresh buffer takes its place.
-// Either way the bytes handed on have FRAME_HEADROOM bytes of their own in front, for a frame header.
-const READ_SIZE = 64 * 1024
+// Upstreams read into the shared read buffer (read-buffer.ts). A small read is copied out (into Node's
+// pooled memory); a large one is handed on as it is, and the buffer taken. Either way the bytes handed on
+// have FRAME_HEADROOM bytes of their own in front, for a frame header.
 const LARGE_READ = 16 * 1024
-let readBuffer = Buffer.allocUnsafe(FRAME_HEADROOM + READ_SIZE).subarray(FRAME_HEADROOM)
-
-function currentReadBuffer (): Buffer {
-  return readBuffer
-}
 
 function onUpstreamRead (this: ReadingSocket, length: number, buffer: Buffer): boolean {
   let chunk: Buffer
   if (length >= LARGE_READ) {
     chunk = buffer.subarray(0, length)
-    readBuffer = Buffer.allocUnsafe(FRAME_HEADROOM + READ_SIZE).subarray(FRAME_HEADROOM)
+    takeReadBuffer()
   } else {
     chunk = Buffer.allocUnsafe(FRAME_HEADROOM + length).subarray(FRAME_HEADROOM)
     buffer.copy(chunk, 0, 0, length)

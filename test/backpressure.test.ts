@@ -1,8 +1,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { createHash } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import type { Socket } from 'node:net'
-import { openClient, startGateway, startTcp, waitFor } from './helpers'
+import { openClient, startEcho, startGateway, startTcp, waitFor } from './helpers'
 
 const MB = 1024 * 1024
 // Gateway-side bytes allowed per connection: its high-water mark towards the client, one TCP read, socket buffers.
@@ -71,11 +71,14 @@ test('an upstream that reads nothing stops the gateway reading the client', { ti
     upstream = socket
     socket.pause() // reads nothing
   })
-  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
-  t.after(async () => { await gateway.app.close(); await sink.close() })
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address }, '/echo': { upstream: echo.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close(); await echo.close() })
 
   const ws = await openClient(`${gateway.url}/sink`)
-  const message = Buffer.alloc(64 * 1024, 7)
+  // Distinct bytes in every message, so that bytes overwritten while queued for the upstream would show.
+  const messages = Array.from({ length: 7 }, () => randomBytes(64 * 1024))
+  const sentHash = createHash('sha256')
   const offer = 64 * MB
   let sent = 0
   let peak = 0
@@ -83,7 +86,9 @@ test('an upstream that reads nothing stops the gateway reading the client', { ti
   // Send whenever the client's own buffer is small; stop once it has stayed full for half a second.
   while (sent < offer && Date.now() - stalledSince < 500) {
     if (ws.bufferedAmount < 2 * MB) {
+      const message = messages[(sent / messages[0].length) % messages.length]
       ws.send(message)
+      sentHash.update(message)
       sent += message.length
       stalledSince = Date.now()
     }
@@ -94,10 +99,21 @@ test('an upstream that reads nothing stops the gateway reading the client', { ti
   assert.ok(peak < BOUND, `the gateway buffered ${peak} bytes`)
   t.diagnostic(`client stopped after ${(sent / MB).toFixed(1)} MB; gateway peak buffered ${peak} bytes`)
 
+  // Meanwhile another bridge carries traffic both ways: the gateway's reads for it must not touch the
+  // bytes still queued for the stalled upstream.
+  const other = await openClient(`${gateway.url}/echo`)
+  let echoed = 0
+  other.on('message', (data: Buffer) => { echoed += data.length })
+  for (let i = 0; i < 16; i++) other.send(randomBytes(64 * 1024))
+  await waitFor(() => echoed === 16 * 64 * 1024, 10000)
+  other.close()
+
   // Once the upstream reads, every byte the client sent arrives.
   let length = 0
-  upstream!.on('data', (chunk: Buffer) => { length += chunk.length })
+  const receivedHash = createHash('sha256')
+  upstream!.on('data', (chunk: Buffer) => { length += chunk.length; receivedHash.update(chunk) })
   upstream!.resume()
   await waitFor(() => length === sent, 20000)
+  assert.equal(receivedHash.digest('hex'), sentHash.digest('hex'), 'the upstream got exactly the bytes sent, in order')
   ws.close()
 })
