@@ -64,6 +64,7 @@ async function main () {
       for (let round = 0; round < ROUNDS; round++) {
         // Interleaved, and the order turns each round so no system always goes first.
         const order = present.map((_, i) => present[(i + round) % present.length])
+          .filter(name => runsIn(name, scenario))
         for (const name of order) {
           let system = running[name]
           if (scenario.fresh) {
@@ -134,7 +135,7 @@ function render (chosen, present, results, skipped) {
     header.push('× lighttpd', '× direct TCP')
     if (scenario.cpu) header.push(CPU_UNITS[scenario.cpu])
     lines.push(`| ${header.join(' | ')} |`, `|${header.map(() => ' --- ').join('|')}|`)
-    for (const name of present) {
+    for (const name of present.filter(name => runsIn(name, scenario))) {
       const s = summary[name]
       if (s === undefined) {
         const reason = bySystem[name]?.[0]?.error ?? (scenario.fresh ? notRunReason(name) : 'no result')
@@ -184,15 +185,29 @@ function renderTargets (summaries) {
     lines.push(`| ${target.text} | ${fmt(ours)} | ${fmt(bound)} | ${met} |`)
   }
   lines.push('')
-  lines.push('Where the gaps are (from `BENCH_PROFILE=1`, /proc/PID/io and per-thread /proc times, 2026-11-24): the gateway ' +
-    'makes as many read and write system calls per message as lighttpd (about one per 8 messages each way) and spends ' +
-    'about as much kernel time per message (~1.1 µs). The difference is user time: about 1 µs per echoed message ' +
-    'against lighttpd\'s 0.25, now almost all in Node\'s per-read and per-write cost (stream events, write requests, ' +
-    'callbacks), not in JavaScript of ours or ws\'s. The load client shares the same 2 cores, so every µs the gateway ' +
-    'spends is taken from it. A handshake costs the gateway about 400 CPU µs (accept, Node\'s HTTP parser, Fastify ' +
-    'routing and hooks, the upstream connect, ws\'s upgrade, two sockets closed) against lighttpd\'s ~130. ' +
+  lines.push('Where the gaps are (2026-11-25; /proc times over 3 s windows, `perf record`, `strace -c`, `nstat`):', '',
+    '- Echo: the rates are at parity because the load client, one Node process, is the limit for both. Per message ' +
+    'the gateway spends about 1.25 CPU µs (0.34 user, 0.77 kernel) against lighttpd\'s 1.12 (0.10 user, 0.62 kernel), ' +
+    'with the same read and write system calls per message. lighttpd leaves Nagle on (no TCP_NODELAY on either socket) ' +
+    'and sends about 20% fewer TCP segments per message, but the gateway with `noDelay` off measured the same CPU per ' +
+    'message, so that is not the gap. What user time is left is Node\'s per-read and per-write cost (the callback ' +
+    'into JavaScript, the write request and its completion), not JavaScript of ours or ws\'s.',
+    '- Handshakes: about 260 CPU µs per connection against lighttpd\'s 90. `minimal Node bridge` (bench/floor.js: ' +
+    'Node\'s HTTP server, the accept hash, the upstream connect and two sockets, with no Fastify, no ws and no checks) ' +
+    'spends 170–200 µs and reaches 0.88–0.97× lighttpd\'s rate: no Node bridge reaches lighttpd\'s rate on this ' +
+    'machine, where the load client needs about 385 µs of the same two cores per connection. The 80–100 µs between ' +
+    'it and us is Fastify\'s routing and hooks, ws\'s upgrade and the bridge\'s setup. The first round is often slower ' +
+    'for us than the next two; the median is of the three.',
+    '- Latency: one round trip is four wake-ups across three processes on two cores, and where each lands decides ' +
+    'more than the gateway\'s few µs per hop: lighttpd\'s own p50 ranged 70–134 µs between rounds of one run.',
+    '',
     'Run-to-run spread on this shared 2-core machine is large (see min–max): compare the systems within one run only.', '')
   return lines
+}
+
+/** Whether the system takes part in the scenario. */
+function runsIn (name, scenario) {
+  return systems[name]?.scenarios?.includes(scenario.id) ?? true
 }
 
 const ratioText = ratio => ratio === null ? '—' : `${ratio.toFixed(2)}×`

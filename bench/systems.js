@@ -1,6 +1,6 @@
 'use strict'
 
-// The systems under comparison. Each start() resolves to
+// The systems under comparison; one with `scenarios` runs only those. Each start() resolves to
 //   { kind: 'ws' | 'tcp', url or urls, protocol, pids, stop(), gc?(), noMemory? }
 // where url is the ws:// base the client appends '/echo', '/source' or '/sink' to (or urls names one per
 // service), or, for kind 'tcp', the client uses the upstream ports directly. pids are the processes whose
@@ -130,6 +130,17 @@ const systems = {
       await listening(port, child)
       // mod_wstunnel answers Sec-WebSocket-Protocol: binary even when none is asked, so the client offers it.
       return { kind: 'ws', url: `ws://127.0.0.1:${port}`, protocol: 'binary', pids: [child.pid], stop: stopper(child) }
+    }
+  },
+
+  // Handshakes only: what Node's own HTTP server and two sockets cost, with nothing of Fastify or ws.
+  'minimal Node bridge': {
+    missing: () => null,
+    scenarios: ['handshake'],
+    async start (ports) {
+      const child = fork(join(__dirname, 'floor.js'), [JSON.stringify(ports)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+      const { port } = await new Promise(resolve => child.once('message', resolve))
+      return { kind: 'ws', url: `ws://127.0.0.1:${port}`, protocol: undefined, pids: [child.pid], stop: stopper(child) }
     }
   },
 
