@@ -1,4 +1,4 @@
-import type { Socket } from 'node:net'
+import { Socket } from 'node:net'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import type { ResolvedRoute, UpstreamTarget } from './options'
@@ -68,6 +68,7 @@ export async function backend (fastify: FastifyInstance, { routes, bridges }: Ba
       const response = (request.raw.socket as typeof request.raw.socket & { _httpMessage?: { detachSocket?: (socket: unknown) => void } })._httpMessage
       response?.detachSocket?.(request.raw.socket)
       ws.removeAllListeners('error')
+      request.raw.socket.end = endUnlessEnded
       new Bridge(ws, pending.upstream, { // eslint-disable-line no-new
         route,
         upstream: pending.target,
@@ -88,6 +89,14 @@ export async function backend (fastify: FastifyInstance, { routes, bridges }: Ba
     fastify.get(route.path, { websocket: true, onRequest, preHandler: connectBeforeUpgrade }, bridge)
   }
 }
+
+const endSocket = Socket.prototype.end
+/** ws ends the client socket again when the client's FIN follows the closing handshake, and Node answers an
+ *  end() of an ended socket by building an error, with a stack trace, only to drop it. Such a call is skipped. */
+const endUnlessEnded = function (this: Socket, ...args: unknown[]): Socket {
+  if (args.length === 0 && (this.writableFinished || this.destroyed)) return this
+  return (endSocket as (...args: unknown[]) => Socket).apply(this, args)
+} as Socket['end']
 
 /** The client's real address (Fastify's request.ip honours trustProxy) and what it asked for. */
 function proxyInfo (request: FastifyRequest, subprotocol: string | null): Parameters<typeof proxyHeader>[1] {
