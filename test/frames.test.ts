@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import websocket from '@fastify/websocket'
+import type { FastifyInstance } from 'fastify'
 import type { WebSocket } from 'ws'
 import { startGateway, startTcp, waitFor } from './helpers'
 
@@ -89,10 +90,11 @@ async function closeFrame (client: RawClient): Promise<{ code: number, reason: s
 }
 
 /** A gateway in front of a sink that keeps what it receives, and a raw client bridged to it. */
-async function bridgedToSink (t: TestContext, maxPayload?: number): Promise<{ client: RawClient, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
+async function bridgedToSink (t: TestContext, maxPayload?: number, onConnection?: (socket: Socket) => void): Promise<{ client: RawClient, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
   const chunks: Buffer[] = []
   const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => chunks.push(chunk)))
-  const gateway = await startGateway({ ...(maxPayload === undefined ? {} : { maxPayload }), routes: { '/sink': { upstream: sink.address } } })
+  const setup = onConnection === undefined ? undefined : (app: FastifyInstance) => { app.server.on('connection', onConnection) }
+  const gateway = await startGateway({ ...(maxPayload === undefined ? {} : { maxPayload }), routes: { '/sink': { upstream: sink.address } } }, setup)
   t.after(async () => { await gateway.app.close(); await sink.close() })
   const upstream = sink.nextSocket()
   const client = await openRaw(`${gateway.url}/sink`)
@@ -100,8 +102,14 @@ async function bridgedToSink (t: TestContext, maxPayload?: number): Promise<{ cl
   return { client, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed') }
 }
 
-test('frames cut anywhere (in the header, length, mask or payload) still give the exact bytes', { timeout: 20000 }, async (t) => {
-  const { client, received } = await bridgedToSink(t)
+/** The symbol under which a net.Socket keeps its `onread` callback (null when it reads the stream way). */
+function onreadCallback (socket: Socket): symbol {
+  return Object.getOwnPropertySymbols(socket).find(symbol => symbol.description === 'kBufferCb') as symbol
+}
+
+/** Sends frames cut anywhere through a bridge to a sink and checks the sink got the exact payloads. */
+async function framesCutAnywhere (t: TestContext, onConnection: (socket: Socket) => void): Promise<void> {
+  const { client, received } = await bridgedToSink(t, undefined, onConnection)
 
   const small = randomBytes(10)
   const medium = randomBytes(300) // 16-bit length
@@ -134,6 +142,23 @@ test('frames cut anywhere (in the header, length, mask or payload) still give th
   assert.equal(pong?.payload.toString(), 'are you there', 'ws answered the ping that came between fragments')
   assert.equal(client.frames.some(f => f.opcode === CLOSE), false)
   client.socket.destroy()
+}
+
+test('frames cut anywhere (in the header, length, mask or payload) still give the exact bytes', { timeout: 20000 }, async (t) => {
+  let server: Socket | undefined
+  await framesCutAnywhere(t, socket => { server = socket })
+  assert.equal(typeof (server as unknown as Record<symbol, unknown>)[onreadCallback(server as Socket)], 'function', 'the client socket read into the shared buffer')
+})
+
+test('a client socket that cannot read into the shared buffer is read the stream way, with the same bytes', { timeout: 20000 }, async (t) => {
+  // An onread callback with no buffer: Node still reads the stream way, and the gateway finds the socket taken.
+  const taken = (): boolean => true
+  let server: Socket | undefined
+  await framesCutAnywhere(t, socket => {
+    server = socket
+    ;(socket as unknown as Record<symbol, unknown>)[onreadCallback(socket)] = taken
+  })
+  assert.equal((server as unknown as Record<symbol, unknown>)[onreadCallback(server as Socket)], taken, 'the gateway left the socket as it was')
 })
 
 test('a text message is handed on only once it is whole and valid UTF-8', { timeout: 10000 }, async (t) => {
