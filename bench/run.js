@@ -22,7 +22,7 @@ const scenarios = [
   { id: 'down', title: 'Throughput upstream → client, one connection, 64 KiB chunks', unit: 'MB/s', run: load.throughputDown, cpu: 'cpuPerGB', higher: true },
   { id: 'up', title: 'Throughput client → upstream, one connection, 64 KiB messages', unit: 'MB/s', run: load.throughputUp, cpu: 'cpuPerGB', higher: true },
   { id: 'echo', title: 'Echo message rate, 100 connections × 16 messages of 64 B in flight', unit: 'msg/s', run: load.echoRate, cpu: 'cpuPerMillion', higher: true },
-  { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, extra: 'p99', higher: false },
+  { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, together: true, extra: 'p99', higher: false },
   { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false },
   { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, cpu: 'cpuPerConnection', higher: true, warmupRound: true }
 ]
@@ -73,6 +73,22 @@ async function main () {
         // Interleaved, and the order turns each round so no system always goes first.
         const order = present.map((_, i) => present[(i + round) % present.length])
           .filter(name => runsIn(name, scenario))
+        if (scenario.together) {
+          // All systems in one pass, taking turns within it.
+          let byName
+          try {
+            byName = await scenario.run(Object.fromEntries(order.map(name => [name, running[name]])), servers)
+          } catch (err) {
+            byName = Object.fromEntries(order.map(name => [name, { error: err.message }]))
+          }
+          for (const name of order) {
+            const result = byName[name]
+            ;(results[scenario.id][name] ??= []).push(result)
+            console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${result.p99 !== undefined ? ` (p99 ${fmt(result.p99)})` : ''}`)
+          }
+          await new Promise(resolve => setTimeout(resolve, SETTLE))
+          continue
+        }
         for (const name of order) {
           let system = running[name]
           if (scenario.fresh) {
