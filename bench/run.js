@@ -210,20 +210,23 @@ function renderTargets (summaries) {
   }
   lines.push('')
   lines.push('Where the gaps are (2026-11-25; /proc times over 3 s windows, `perf record`, `strace -c`, `nstat`):', '',
-    '- Echo: the rates are at parity because the load client, one Node process, is the limit for both. Per message ' +
-    'the gateway spends about 1.25 CPU µs (0.34 user, 0.77 kernel) against lighttpd\'s 1.12 (0.10 user, 0.62 kernel), ' +
+    '- Echo: the rates are at parity because the load client, one Node process, is the limit for both, so a ' +
+    'median a little above or below 1.0× is a toss-up. Per message the gateway spends about 1.3 CPU µs (0.34 user, ' +
+    '0.77 kernel) against lighttpd\'s 1.12 (0.10 user, 0.62 kernel), ' +
     'with the same read and write system calls per message. lighttpd leaves Nagle on (no TCP_NODELAY on either socket) ' +
     'and sends about 20% fewer TCP segments per message, but the gateway with `noDelay` off measured the same CPU per ' +
     'message, so that is not the gap. What user time is left is Node\'s per-read and per-write cost (the callback ' +
     'into JavaScript, the write request and its completion), not JavaScript of ours or ws\'s.',
-    '- Handshakes: about 260 CPU µs per connection against lighttpd\'s 90. `minimal Node bridge` (bench/floor.js: ' +
+    '- Handshakes: about 270 CPU µs per connection against lighttpd\'s 90. `minimal Node bridge` (bench/floor.js: ' +
     'Node\'s HTTP server, the accept hash, the upstream connect and two sockets, with no Fastify, no ws and no checks) ' +
-    'spends 170–200 µs and reaches 0.88–0.97× lighttpd\'s rate: no Node bridge reaches lighttpd\'s rate on this ' +
+    'spends 170–210 µs and reaches 0.88–0.97× lighttpd\'s rate: no Node bridge reaches lighttpd\'s rate on this ' +
     'machine, where the load client needs about 385 µs of the same two cores per connection. The 80–100 µs between ' +
     'it and us is Fastify\'s routing and hooks, ws\'s upgrade and the bridge\'s setup. An unmeasured pass per ' +
     'system comes first: a process\'s first handshakes cost Node systems up to twice the CPU of later ones.',
-    '- Latency: one round trip is four wake-ups across three processes on two cores, and where each lands decides ' +
-    'more than the gateway\'s few µs per hop: lighttpd\'s own p50 ranged 70–134 µs between rounds of one run.',
+    '- Latency: one round trip wakes three processes four times on two cores. With the systems taking turns ' +
+    'in one pass, most rounds\' medians agree within a few µs; the gateway spends about 6.5 µs of user CPU ' +
+    'per round trip against lighttpd\'s 2.3 (Node\'s cost of a read and a write, twice) and about 17 µs in the ' +
+    'kernel against 15. p99 moves by a third from round to round for every system.',
     '',
     'Run-to-run spread on this shared 2-core machine is large (see min–max): compare the systems within one run only.', '')
   return lines
