@@ -7,7 +7,8 @@ import { readIntoSharedBuffer, takeReadBuffer } from './read-buffer'
 
 // A bridge carries a byte stream, so it needs the bytes of the client's data frames, not whole messages.
 // This reader takes them straight off the socket, read into the shared read buffer (read-buffer.ts): each
-// read's payloads are unmasked into one buffer and handed on in one piece. The other way, an upstream read becomes one frame written with one call.
+// read's payloads are unmasked into one buffer and handed on in one piece. The other way, an upstream read
+// becomes one frame written with one call.
 // ws still does the rest: the handshake, ping/pong and the closing handshake (control frames go whole to
 // its own Receiver, and it sends its own).
 
@@ -30,8 +31,8 @@ export interface FrameTarget {
   clientFault (code: number, reason: string): void
 }
 
-/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes (read-buffer.ts) that precede `payload`
- *  in its memory, and returns header and payload as one buffer. */
+/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes (read-buffer.ts) that
+ *  precede `payload` in its memory, and returns header and payload as one buffer. */
 export function binaryFrame (payload: Buffer): Buffer {
   const length = payload.length
   const header = length < 126 ? 2 : length < 0x10000 ? 4 : 10

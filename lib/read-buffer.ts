@@ -46,7 +46,7 @@ function onreadSymbols (): { buffer: symbol, callback: symbol, generator: symbol
 type Handle = { useUserBuffer?: (buffer: Uint8Array) => void } | null
 type OnreadSocket = Socket & { _handle?: Handle, encrypted?: boolean } & Record<symbol, unknown>
 
-/** Switches an open plain-TCP socket to read as if it had been created with `onread: { buffer:
+/** Switches an open socket (TCP or unix, not TLS) to read as if it had been created with `onread: { buffer:
  *  currentReadBuffer, callback }`. Returns false, changing nothing, where that cannot be done. */
 export function readIntoSharedBuffer (socket: Socket, callback: ReadCallback): boolean {
   const target = socket as OnreadSocket
