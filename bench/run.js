@@ -84,7 +84,7 @@ async function main () {
           for (const name of order) {
             const result = byName[name]
             ;(results[scenario.id][name] ??= []).push(result)
-            console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${result.p99 !== undefined ? ` (p99 ${fmt(result.p99)})` : ''}`)
+            logResult(scenario, round, name, result)
           }
           await new Promise(resolve => setTimeout(resolve, SETTLE))
           continue
@@ -105,9 +105,7 @@ async function main () {
           }
           ;(results[scenario.id][name] ??= []).push(result)
           await new Promise(resolve => setTimeout(resolve, SETTLE)) // let closing connections and processes finish
-          const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'cpuPerConnection', 'perRead', 'perWrite', 'failed']
-            .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
-          console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
+          logResult(scenario, round, name, result)
         }
       }
     }
@@ -230,6 +228,13 @@ function renderTargets (summaries) {
     '',
     'Run-to-run spread on this shared 2-core machine is large (see min–max): compare the systems within one run only.', '')
   return lines
+}
+
+/** One line of progress: a system's result in one round. */
+function logResult (scenario, round, name, result) {
+  const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'cpuPerConnection', 'perRead', 'perWrite', 'failed']
+    .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
+  console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
 }
 
 /** Whether the system takes part in the scenario. */
