@@ -9,6 +9,7 @@ const WARMUP = Number(process.env.BENCH_WARMUP ?? 500)
 const WINDOW = Number(process.env.BENCH_WINDOW ?? 2500)
 const MESSAGE = Buffer.alloc(64, 'm')
 const BIG = Buffer.alloc(64 * 1024, 'b')
+const LARGE = Buffer.alloc(1024 * 1024, 'l')
 const TICKS = 100 // USER_HZ: /proc times are in 1/100 s
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
@@ -239,6 +240,42 @@ async function latency (systems, servers, { count = 5000, warmup = 500, batch = 
   return results
 }
 
+/** Sequential round trips of one 1 MiB message on one connection, as an MQTT publish reaching a subscriber:
+ *  each waits until all 1 MiB is back, in however many messages. After a warm-up, up to `count` round trips
+ *  within the window; resolves to p50 and p99 in ms, with the gateway's CPU ms per round trip. */
+async function largeRoundTrip (system, servers, { count = 1000, timeout = 10000 } = {}) {
+  const conn = await connect(system, servers.ports, 'echo')
+  let pending = 0
+  let wake = null
+  conn.onData(data => {
+    pending += data.length
+    if (pending >= LARGE.length && wake !== null) { pending -= LARGE.length; const w = wake; wake = null; w() }
+  })
+  // A system that drops or truncates the message fails the round, not the run.
+  const roundTrip = () => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`1 MiB round trip not back after ${timeout} ms`)), timeout)
+    wake = () => { clearTimeout(timer); resolve() }
+    conn.send(LARGE)
+  })
+  const samples = []
+  let cpu
+  try {
+    for (const warmEnd = Date.now() + WARMUP; Date.now() < warmEnd;) await roundTrip()
+    const cpu0 = cpuSeconds(system.pids)
+    for (const end = Date.now() + WINDOW; samples.length < count && Date.now() < end;) {
+      const t0 = process.hrtime.bigint()
+      await roundTrip()
+      samples.push(Number(process.hrtime.bigint() - t0) / 1e6)
+    }
+    cpu = cpuSeconds(system.pids) - cpu0
+  } finally {
+    conn.destroy()
+  }
+  samples.sort((a, b) => a - b)
+  const at = q => samples[Math.min(samples.length - 1, Math.floor(q * samples.length))]
+  return { value: at(0.5), p99: at(0.99), roundTrips: samples.length, cpuPerRoundTrip: system.pids.length > 0 ? cpu / samples.length * 1e3 : null }
+}
+
 /** 32 concurrent clients, each looping: open, one 64 B echo, close. Completed cycles per second. */
 async function handshakeRate (system, servers, { concurrency = 32 } = {}) {
   let done = 0
@@ -310,4 +347,4 @@ async function openMany (system, servers, count, parallel, echo = false) {
   return conns
 }
 
-module.exports = { throughputDown, throughputUp, echoRate, latency, handshakeRate, memoryPerConnection, cpuSeconds }
+module.exports = { throughputDown, throughputUp, echoRate, latency, largeRoundTrip, handshakeRate, memoryPerConnection, cpuSeconds }

@@ -1,7 +1,7 @@
 'use strict'
 
-// `npm run bench`: fastify-wstunnel against direct TCP, lighttpd's mod_wstunnel and websockify, on one
-// machine in one run, interleaved round by round. Writes bench/RESULTS.md.
+// `npm run bench`: fastify-wstunnel against direct TCP, lighttpd's mod_wstunnel, websockify and a ten-line
+// ws + net bridge, on one machine in one run, interleaved round by round. Writes bench/RESULTS.md.
 //   node --expose-gc bench/run.js [scenario ...]     BENCH_ROUNDS=3 BENCH_SYSTEMS='a,b' BENCH_WINDOW=2500
 const { spawnSync } = require('node:child_process')
 const { mkdirSync, readFileSync, writeFileSync } = require('node:fs')
@@ -14,6 +14,7 @@ const ROUNDS = Math.max(3, Number(process.env.BENCH_ROUNDS ?? 3))
 const US = 'fastify-wstunnel'
 const LIGHTTPD = 'lighttpd mod_wstunnel'
 const DIRECT = 'direct TCP'
+const WS_BRIDGE = 'ws+net bridge'
 const SETTLE = 1000
 
 // Handshakes go last: they leave tens of thousands of loopback connections in TIME_WAIT, which slows
@@ -23,11 +24,12 @@ const scenarios = [
   { id: 'up', title: 'Throughput client → upstream, one connection, 64 KiB messages', unit: 'MB/s', run: load.throughputUp, cpu: 'cpuPerGB', higher: true },
   { id: 'echo', title: 'Echo message rate, 100 connections × 16 messages of 64 B in flight', unit: 'msg/s', run: load.echoRate, cpu: 'cpuPerMillion', higher: true },
   { id: 'latency', title: 'Round-trip latency, sequential 64 B messages, one connection', unit: 'µs p50', run: load.latency, together: true, extra: 'p99', higher: false },
+  { id: 'large', title: 'Large-message round trip, sequential 1 MiB messages echoed whole, one connection', unit: 'ms p50', run: load.largeRoundTrip, extra: 'p99', extraUnit: 'ms', cpu: 'cpuPerRoundTrip', higher: false },
   { id: 'memory', title: 'Gateway memory per idle bridged connection, 5,000 connections', unit: 'KB/conn', run: load.memoryPerConnection, fresh: true, higher: false },
   { id: 'handshake', title: 'Handshake rate: open, one 64 B echo, close; 32 concurrent clients', unit: 'conn/s', run: load.handshakeRate, cpu: 'cpuPerConnection', higher: true, warmupRound: true }
 ]
 
-const CPU_UNITS = { cpuPerGB: 'CPU s per GB', cpuPerMillion: 'CPU s per million msgs', cpuPerConnection: 'CPU µs per connection' }
+const CPU_UNITS = { cpuPerGB: 'CPU s per GB', cpuPerMillion: 'CPU s per million msgs', cpuPerConnection: 'CPU µs per connection', cpuPerRoundTrip: 'CPU ms per round trip' }
 
 const median = values => {
   const sorted = [...values].sort((a, b) => a - b)
@@ -153,7 +155,7 @@ function render (chosen, present, results, skipped) {
     }
     lines.push(`## ${scenario.title}`, '')
     const header = ['system', `${scenario.unit} (median)`, 'min–max']
-    if (scenario.extra) header.push(`${scenario.extra} µs`)
+    if (scenario.extra) header.push(`${scenario.extra} ${scenario.extraUnit ?? 'µs'}`)
     header.push('× lighttpd', '× direct TCP')
     if (scenario.cpu) header.push(CPU_UNITS[scenario.cpu])
     lines.push(`| ${header.join(' | ')} |`, `|${header.map(() => ' --- ').join('|')}|`)
@@ -190,6 +192,7 @@ const TARGETS = [
   { id: 'up', text: 'throughput client → upstream ≥ 0.4× direct TCP', ours: s => s[US].median, reference: s => 0.4 * s[DIRECT].median, met: (a, b) => a >= b },
   { id: 'latency', text: 'latency p50 ≤ lighttpd (µs)', ours: s => s[US].median, reference: s => s[LIGHTTPD].median, met: (a, b) => a <= b },
   { id: 'latency', text: 'latency p99 ≤ lighttpd (µs)', ours: s => s[US].extra, reference: s => s[LIGHTTPD].extra, met: (a, b) => a <= b },
+  { id: 'large', text: '1 MiB round trip p50 ≤ ws+net bridge (ms)', ours: s => s[US].median, reference: s => s[WS_BRIDGE].median, met: (a, b) => a <= b },
   { id: 'handshake', text: 'handshake rate ≥ lighttpd', ours: s => s[US].median, reference: s => s[LIGHTTPD].median, met: (a, b) => a >= b },
   { id: 'memory', text: 'memory per idle connection ≤ 12 KB', ours: s => s[US].median, reference: () => 12, met: (a, b) => a <= b }
 ]
@@ -232,7 +235,7 @@ function renderTargets (summaries) {
 
 /** One line of progress: a system's result in one round. */
 function logResult (scenario, round, name, result) {
-  const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'cpuPerConnection', 'perRead', 'perWrite', 'failed']
+  const details = ['p99', 'cpuPerGB', 'cpuPerMillion', 'cpuPerConnection', 'cpuPerRoundTrip', 'roundTrips', 'perRead', 'perWrite', 'failed']
     .filter(key => result[key] !== undefined && result[key] !== null).map(key => `${key} ${fmt(result[key])}`).join(', ')
   console.log(`${scenario.id} round ${round + 1} ${name}: ${result.error ?? fmt(result.value) + ' ' + scenario.unit}${details ? ` (${details})` : ''}`)
 }

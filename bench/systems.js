@@ -90,6 +90,19 @@ function gatewaySystem (module) {
   }
 }
 
+/** A bridge script of bench/ in a Node process of its own, in the given scenarios only. */
+function nodeBridge (file, scenarios) {
+  return {
+    missing: () => null,
+    scenarios,
+    async start (ports) {
+      const child = fork(join(__dirname, file), [JSON.stringify(ports)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+      const { port } = await new Promise(resolve => child.once('message', resolve))
+      return { kind: 'ws', url: `ws://127.0.0.1:${port}`, protocol: undefined, pids: [child.pid], stop: stopper(child) }
+    }
+  }
+}
+
 const systems = {
   'fastify-wstunnel': gatewaySystem(),
   'direct TCP': {
@@ -134,15 +147,10 @@ const systems = {
   },
 
   // Handshakes only: what Node's own HTTP server and two sockets cost, with nothing of Fastify or ws.
-  'minimal Node bridge': {
-    missing: () => null,
-    scenarios: ['handshake'],
-    async start (ports) {
-      const child = fork(join(__dirname, 'floor.js'), [JSON.stringify(ports)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-      const { port } = await new Promise(resolve => child.once('message', resolve))
-      return { kind: 'ws', url: `ws://127.0.0.1:${port}`, protocol: undefined, pids: [child.pid], stop: stopper(child) }
-    }
-  },
+  'minimal Node bridge': nodeBridge('floor.js', ['handshake']),
+  // The ten-line ws + net bridge. Not in the throughput scenarios: without backpressure it queues whatever
+  // the faster side sends, without bound.
+  'ws+net bridge': nodeBridge('ws-bridge.js', ['large', 'echo']),
 
   websockify: {
     missing: () => which('websockify') === null ? 'websockify is not installed (apt-get install websockify)' : null,

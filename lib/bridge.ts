@@ -5,13 +5,15 @@ import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
 import { TextFramer } from './text-frame'
 import { readUpstream } from './upstream'
-import { readClientFrames, binaryFrame, type FrameTarget } from './frames'
+import { readClientFrames, binaryFrame, type FrameTarget, type MessageLimits } from './frames'
+import { closeFrameReceived, passToReceiver } from './private-internals'
 
 /** Bytes the gateway lets queue towards a client before it stops reading the upstream. */
 export const CLIENT_HIGH_WATER = 512 * 1024
 
 const kBridge = Symbol('wstunnel.bridge')
 const TEXT = { binary: false }
+const BINARY = { binary: true }
 
 type Tagged<T> = T & { [kBridge]: Bridge }
 
@@ -19,6 +21,14 @@ function bridgeOf (emitter: WebSocket | Socket): Bridge {
   return (emitter as Tagged<WebSocket | Socket>)[kBridge]
 }
 export type ClosedBy = 'client' | 'upstream' | 'gateway'
+
+// ws's error codes (documented in its errors.md) and the close status each is sent with.
+const WS_ERROR_STATUS: Record<string, number> = {
+  WS_ERR_INVALID_UTF8: 1007,
+  WS_ERR_UNSUPPORTED_DATA_PAYLOAD_LENGTH: 1009,
+  WS_ERR_UNSUPPORTED_MESSAGE_LENGTH: 1009,
+  WS_ERR_TOO_MANY_BUFFERED_PARTS: 1008
+}
 
 /** Where a bridge reports: the set of open bridges, the route's heartbeat, the request's logger. */
 export interface BridgeContext {
@@ -30,10 +40,7 @@ export interface BridgeContext {
   bridges: Set<Bridge>
   heartbeat: Heartbeat | null
   preambleLength: number
-  /** The client's TCP socket, which ws also writes to. */
-  socket: Socket
-  /** Largest client message, as ws's maxPayload (0: no limit). */
-  maxPayload: number
+  limits: MessageLimits
 }
 
 /** Pumps bytes both ways between an accepted WebSocket and its connected upstream socket,
@@ -43,9 +50,14 @@ export class Bridge implements FrameTarget {
   closedBy: ClosedBy | undefined
   code: number | undefined
   reason = ''
+  /** The client's socket when the bridge reads its frames and writes binary frames to it; null: ws does. */
+  readonly socket: Socket | null
+  readonly framer: TextFramer | null
   private open = 2 // the WebSocket and the upstream; the summary is logged when both have closed
   private readonly started = Date.now()
-  readonly framer: TextFramer | null
+  private clientPaused = false // by the bridge, because the upstream is not reading
+  private upstreamFinished = false
+  private shutdownTimer: NodeJS.Timeout | null = null
 
   constructor (readonly ws: WebSocket, readonly upstream: Socket, readonly context: BridgeContext) {
     const route = context.route
@@ -53,7 +65,8 @@ export class Bridge implements FrameTarget {
     ;(ws as Tagged<WebSocket>)[kBridge] = this
     ;(upstream as Tagged<Socket>)[kBridge] = this
     // Synchronously: the client may already have sent its first message.
-    if (!readClientFrames(ws, this, context.maxPayload)) ws.on('message', clientOnMessage)
+    this.socket = readClientFrames(ws, this, context.limits)
+    if (this.socket === null) ws.on('message', clientOnMessage)
     ws.on('close', clientOnClose)
     ws.on('error', clientOnError)
     ws.on('pong', clientOnPong)
@@ -67,25 +80,66 @@ export class Bridge implements FrameTarget {
     context.bridges.add(this)
     context.heartbeat?.add(this)
     readUpstream(upstream, upstreamOnData)
-    context.log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
   }
 
-  /** Client payload bytes, from one read of the client socket: one write to the upstream. */
+  /** Client payload bytes, from one read of the client socket (or one message): one write to the upstream.
+   *  Once the WebSocket is closing they are dropped, so nothing queues for an upstream that may not read. */
   clientData (bytes: Buffer): void {
     this.alive = true
-    if (!this.upstream.writable) return
-    if (!this.upstream.write(bytes)) this.ws.pause()
+    if (this.ws.readyState !== WebSocket.OPEN || !this.upstream.writable) return
+    if (!this.upstream.write(bytes)) {
+      this.clientPaused = true
+      this.ws.pause()
+    }
   }
 
-  /** The client broke the protocol: ws-style, close with the status and log it. */
+  /** A control frame's bytes go to ws; a close frame from the client ends the upstream's input at once. */
+  clientControl (bytes: Buffer): boolean {
+    this.alive = true
+    const more = passToReceiver(this.ws, bytes)
+    if (closeFrameReceived(this.ws)) {
+      this.record(undefined, '', 'client') // its code comes with ws's 'close'
+      this.finishUpstream()
+    }
+    return more
+  }
+
+  /** The client broke the protocol: close with the status, then end the TCP connection without waiting for
+   *  the client's close frame (RFC 6455 section 7.1.7: a failed connection's data is not processed). */
   clientFault (code: number, reason: string): void {
     this.context.log.debug({ code, reason }, 'websocket protocol error')
     this.close(code, reason, 'gateway')
+    this.socket?.end()
+    this.finishUpstream()
   }
 
-  /** Records how the connection ended, unless a side already did. */
-  record (code: number, reason: string, by: ClosedBy): void {
-    if (this.closedBy === undefined) {
+  /** Resumes reading the client if the bridge paused it. */
+  resumeClient (): void {
+    if (!this.clientPaused) return
+    this.clientPaused = false
+    this.ws.resume()
+  }
+
+  /** The client sends no more: the upstream gets a FIN and closeTimeout to finish, then is destroyed. */
+  finishUpstream (): void {
+    if (this.upstreamFinished) return
+    this.upstreamFinished = true
+    const upstream = this.upstream
+    if (upstream.destroyed) return
+    const grace = this.context.route.closeTimeout
+    if (grace === 0) {
+      upstream.destroy()
+    } else {
+      // Half-close: the upstream reads EOF and may finish; it is destroyed when it ends or after the grace.
+      upstream.end()
+      upstream.setTimeout(grace)
+      upstream.resume()
+    }
+  }
+
+  /** Records how the connection ended, unless a side already did (the side that did may fill in its code). */
+  record (code: number | undefined, reason: string, by: ClosedBy): void {
+    if (this.closedBy === undefined || (this.closedBy === by && this.code === undefined)) {
       this.closedBy = by
       this.code = code
       this.reason = reason
@@ -98,9 +152,10 @@ export class Bridge implements FrameTarget {
     if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) this.ws.close(code, reason)
   }
 
-  /** Called by the heartbeat: pings, or terminates a client that did not answer the last ping. */
+  /** Called by the heartbeat: pings, or terminates a client that did not answer the last ping. A client the
+   *  bridge stopped reading (its upstream is not reading) may have answered unread, so it is not judged. */
   beat (): void {
-    if (!this.alive) {
+    if (!this.alive && !this.clientPaused) {
       this.record(1006, 'no pong', 'gateway') // 1006 is reported, never sent
       this.ws.terminate()
       return
@@ -109,10 +164,13 @@ export class Bridge implements FrameTarget {
     this.ws.ping()
   }
 
-  /** Closes the client with 1001 and drops the upstream, for server shutdown. */
+  /** Closes the client with 1001 and drops the upstream, for server shutdown; a client that does not
+   *  answer within closeTimeout is cut off, so that closing the server ends. */
   shutdown (): void {
     this.close(1001, 'server shutting down', 'gateway')
     this.upstream.destroy()
+    this.resumeClient()
+    this.shutdownTimer ??= setTimeout(() => { this.ws.terminate() }, this.context.route.closeTimeout)
   }
 
   /** Bytes queued in the gateway for this connection, both ways. */
@@ -120,8 +178,10 @@ export class Bridge implements FrameTarget {
     return this.ws.bufferedAmount + this.upstream.writableLength + this.upstream.readableLength
   }
 
+  /** One side has closed; the summary is logged once both have. */
   settle (): void {
     if (--this.open > 0) return
+    if (this.shutdownTimer !== null) clearTimeout(this.shutdownTimer)
     const { route, client, upstream, preambleLength } = this.context
     this.context.log.info({
       route: route.path,
@@ -137,30 +197,36 @@ export class Bridge implements FrameTarget {
   }
 }
 
-/** Only with a ws whose internals the frame reader does not know: whole messages, one write each. */
+/** Only where ws reads the frames: whole messages, one write each. */
 function clientOnMessage (this: WebSocket, data: Buffer): void {
-  bridgeOf(this).clientData(data)
+  const bridge = bridgeOf(this)
+  const { maxPayload } = bridge.context.limits
+  if (maxPayload > 0 && data.length > maxPayload) return bridge.clientFault(1009, 'message too big')
+  bridge.clientData(data)
 }
 
 function upstreamOnDrain (this: Socket): void {
-  bridgeOf(this).ws.resume()
+  bridgeOf(this).resumeClient()
 }
 
-function upstreamOnData (this: Socket, chunk: Buffer): boolean {
+function upstreamOnData (this: Socket, buffer: Buffer, length: number): boolean {
   const bridge = bridgeOf(this)
   const ws = bridge.ws
   if (ws.readyState !== WebSocket.OPEN) return true // the client is gone; the upstream is being drained to its end
-  const socket = bridge.context.socket
   // Past the high-water mark, stop reading until this frame reaches the kernel: the client sets the pace.
-  const full = socket.writableLength + chunk.length > CLIENT_HIGH_WATER
+  const full = ws.bufferedAmount + length > CLIENT_HIGH_WATER
   const resume = full ? () => { this.resume() } : undefined
   if (bridge.framer === null) {
-    // One read, one frame, written straight to the socket: ws has nothing of its own queued
-    // (it queues only while compressing, which is off), so frames stay in order.
-    socket.write(binaryFrame(chunk), resume)
+    // One read, one frame, written straight to the socket: ws queues nothing of its own on such a
+    // connection (it queues only while compressing), so frames stay in order.
+    if (bridge.socket !== null) {
+      bridge.socket.write(binaryFrame(buffer, length), resume)
+    } else {
+      ws.send(Buffer.from(buffer.subarray(0, length)), BINARY, resume)
+    }
     return !full
   }
-  const text = bridge.framer.push(chunk)
+  const text = bridge.framer.push(buffer.subarray(0, length))
   if (text === null) {
     invalidText(bridge)
     return false
@@ -178,6 +244,8 @@ function invalidText (bridge: Bridge): void {
 
 function upstreamOnEnd (this: Socket): void {
   const bridge = bridgeOf(this)
+  // The client may be paused with its close reply unread.
+  bridge.resumeClient()
   if (bridge.ws.readyState !== WebSocket.OPEN) return
   if (bridge.framer !== null) {
     const rest = bridge.framer.end()
@@ -193,6 +261,7 @@ function upstreamOnError (this: Socket, err: NodeJS.ErrnoException): void {
 
 function upstreamOnClose (this: Socket, hadError: boolean): void {
   const bridge = bridgeOf(this)
+  bridge.resumeClient()
   bridge.close(hadError ? 1011 : 1000, '', 'upstream')
   bridge.context.heartbeat?.delete(bridge)
   bridge.settle()
@@ -207,36 +276,19 @@ function upstreamOnTimeout (this: Socket): void {
 
 function clientOnClose (this: WebSocket, code: number, reason: Buffer): void {
   const bridge = bridgeOf(this)
-  if (bridge.closedBy === undefined) {
-    bridge.closedBy = 'client'
-    bridge.code = code
-    bridge.reason = reason.toString()
-  }
+  bridge.record(code, reason.toString(), 'client')
   bridge.context.bridges.delete(bridge)
   bridge.context.heartbeat?.delete(bridge)
-  const upstream = bridge.upstream
-  if (!upstream.destroyed) {
-    const grace = bridge.context.route.closeTimeout
-    if (grace === 0) {
-      upstream.destroy()
-    } else {
-      // Half-close: the upstream reads EOF and may finish; it is destroyed when it ends or after the grace.
-      upstream.end()
-      upstream.setTimeout(grace)
-      upstream.resume()
-    }
-  }
+  bridge.finishUpstream()
   bridge.settle()
 }
 
 function clientOnError (this: WebSocket, err: Error & { code?: string }): void {
-  // ws has already answered a bad frame with the right close code (1002, 1007, 1009).
+  // ws has already answered a bad frame with the right close status.
   const bridge = bridgeOf(this)
   bridge.context.log.debug({ err }, 'websocket error')
-  if (bridge.closedBy === undefined) {
-    bridge.closedBy = 'gateway'
-    bridge.reason = err.code ?? err.message
-  }
+  const code = err.code ?? ''
+  bridge.record(WS_ERROR_STATUS[code] ?? (code.startsWith('WS_ERR_') ? 1002 : undefined), code || err.message, 'gateway')
 }
 
 function clientOnPong (this: WebSocket): void {

@@ -17,3 +17,12 @@ export const SubprotocolRefusedError = createError('FST_WSTUNNEL_SUBPROTOCOL_REF
 
 /** The Sec-WebSocket-Protocol header does not parse. */
 export const BadSubprotocolHeaderError = createError('FST_WSTUNNEL_BAD_SUBPROTOCOL_HEADER', 'invalid Sec-WebSocket-Protocol header: %s', 400)
+
+/** The server is closing: a handshake still in progress is refused. */
+export const ShuttingDownError = createError('FST_WSTUNNEL_SHUTTING_DOWN', 'the server is shutting down', 503)
+
+/** A request to a bridged route that is not a valid WebSocket handshake (RFC 6455 section 4.2.1). */
+export const BadHandshakeError = createError('FST_WSTUNNEL_BAD_HANDSHAKE', 'invalid WebSocket handshake: %s', 400)
+
+/** A request to a bridged route that asks for no upgrade, or for a WebSocket version other than 13. */
+export const UpgradeRequiredError = createError('FST_WSTUNNEL_UPGRADE_REQUIRED', '%s', 426)

@@ -1,42 +1,47 @@
 import { isUtf8 } from 'node:buffer'
-import { Writable } from 'node:stream'
-import type WebSocket from 'ws'
 import type { Socket } from 'node:net'
-import { mask as maskInto, unmask as unmaskInPlace } from 'bufferutil'
-import { readIntoSharedBuffer, takeReadBuffer } from './read-buffer'
+import type WebSocket from 'ws'
+import { mask as maskInto } from 'bufferutil'
+import { SHARED_READ_BUFFER } from './read-buffer'
+import { completeLength } from './text-frame'
+import { readSocketInto, takeClientBytes } from './private-internals'
 
 // A bridge carries a byte stream, so it needs the bytes of the client's data frames, not whole messages.
-// This reader takes them straight off the socket, read into the shared read buffer (read-buffer.ts): each
-// read's payloads are unmasked into one buffer and handed on in one piece. The other way, an upstream read
-// becomes one frame written with one call.
+// This reader takes them straight off the socket: each read's payloads are unmasked into one buffer of its
+// own and handed on in one piece. Messages stream: a message of any size costs the reader no memory, and
+// text is checked as UTF-8 as it streams, holding back at most the 3 bytes of a character cut by a read.
 // ws still does the rest: the handshake, ping/pong and the closing handshake (control frames go whole to
-// its own Receiver, and it sends its own).
+// its Receiver, which checks and answers them). The other way, an upstream read becomes one binary frame.
 
 const TEXT = 1
 const BINARY = 2
 const NATIVE_UNMASK = 384 // below this, a JS loop beats the native call (measured here: 150 ns a call)
-const IN_PLACE = 16 * 1024 // binary payloads this large in one read are unmasked in place, not copied
 const EMPTY = Buffer.alloc(0)
 const scratchMask = Buffer.alloc(4)
 const kReader = Symbol('wstunnel.frame-reader')
-const kSocketReader = Symbol('wstunnel.socket-frame-reader')
-const passToReceiver: (this: Writable, chunk: Buffer) => boolean = Writable.prototype.write
-const endWritable: (this: Writable) => Writable = Writable.prototype.end
 
 /** Where the reader sends what it parsed. */
 export interface FrameTarget {
-  /** Unmasked payload bytes of the client's data messages, in order. */
+  /** Unmasked payload bytes of the client's data messages, in order, the target's to keep. Text is
+   *  valid UTF-8 and never cuts a character. */
   clientData (bytes: Buffer): void
-  /** The client broke the protocol: close with `code` (1002, 1007, 1009). */
+  /** Bytes of a control frame, whole or in pieces, the target's to keep. Returns false when nothing more
+   *  is to be read: a close frame has come, or the frame was refused. */
+  clientControl (bytes: Buffer): boolean
+  /** The client broke the protocol: close with `code` (1002, 1007, 1008, 1009). Nothing more is read. */
   clientFault (code: number, reason: string): void
 }
 
-/** Writes an unmasked, final binary-frame header into the FRAME_HEADROOM bytes (read-buffer.ts) that
- *  precede `payload` in its memory, and returns header and payload as one buffer. */
-export function binaryFrame (payload: Buffer): Buffer {
-  const length = payload.length
+/** Limits on a client message, as ws's maxPayload and maxFragments (0: none). */
+export interface MessageLimits {
+  maxPayload: number
+  maxFragments: number
+}
+
+/** Returns an unmasked, final binary frame carrying `length` bytes of `source`, in memory of its own. */
+export function binaryFrame (source: Buffer, length: number): Buffer {
   const header = length < 126 ? 2 : length < 0x10000 ? 4 : 10
-  const frame = Buffer.from(payload.buffer, payload.byteOffset - header, length + header)
+  const frame = Buffer.allocUnsafe(header + length)
   frame[0] = 0x82
   if (header === 2) {
     frame[1] = length
@@ -48,121 +53,75 @@ export function binaryFrame (payload: Buffer): Buffer {
     frame.writeUInt32BE(Math.floor(length / 0x100000000), 2)
     frame.writeUInt32BE(length >>> 0, 6)
   }
+  source.copy(frame, header, 0, length)
   return frame
 }
 
-// The parts of ws's WebSocket and Receiver the reader relies on (ws 8; test/frames.test.ts pins them).
-type ReceiverWithReader = Writable & { [kReader]: ClientFrameReader, _errored: boolean }
-type WebSocketInternals = WebSocket & { _receiver: ReceiverWithReader, _closeFrameReceived: boolean, _socket: Socket }
-type SocketWithReader = Socket & { [kSocketReader]: ClientFrameReader }
-
-/** Reads the client's frames from now on, in place of ws's Receiver, which keeps only the control frames.
- *  `maxPayload` (0: none) bounds a message, as it does in ws. Returns false, changing nothing, if this ws
- *  does not have the internals the reader relies on: the caller then listens for ws's 'message' events. */
-export function readClientFrames (ws: WebSocket, target: FrameTarget, maxPayload: number): boolean {
-  const internals = ws as Partial<WebSocketInternals>
-  const receiver = internals._receiver
-  if (receiver === undefined || typeof receiver._errored !== 'boolean' || typeof internals._closeFrameReceived !== 'boolean') return false
-  const reader = receiver[kReader] = new ClientFrameReader(ws as WebSocketInternals, receiver, target, maxPayload)
-  // ws hands every byte it reads to `_receiver.write()`: what came with the upgrade request, and what is left
-  // in the socket when it closes. Every later read goes from the socket to the reader, into the shared buffer.
-  receiver.write = readerWrite
-  receiver.end = receiverEnd
-  const socket = (ws as WebSocketInternals)._socket
-  if (readIntoSharedBuffer(socket, onClientRead)) {
-    (socket as SocketWithReader)[kSocketReader] = reader
-    reader.shared = true
-  }
-  return true
+/** Reads the client's frames from now on, in place of ws's Receiver, which gets only the control frames.
+ *  Returns the socket to write frames to beside ws's Sender, or null, changing nothing, where the bridge
+ *  must use ws's 'message' events and `send` (private-internals.ts says when). */
+export function readClientFrames (ws: WebSocket, target: FrameTarget, limits: MessageLimits): Socket | null {
+  const reader = new ClientFrameReader(target, limits)
+  const socket = takeClientBytes(ws, chunk => { reader.push(chunk, chunk.length) })
+  if (socket === null) return null
+  ;(socket as Socket & { [kReader]: ClientFrameReader })[kReader] = reader
+  readSocketInto(socket, SHARED_READ_BUFFER, onClientRead)
+  return socket as Socket
 }
 
 function onClientRead (this: Socket, length: number, buffer: Buffer): boolean {
-  (this as SocketWithReader)[kSocketReader].push(buffer, length)
+  (this as Socket & { [kReader]: ClientFrameReader })[kReader].push(buffer, length)
   return true
 }
 
-// ws ends the Receiver on the close frame and again when the socket ends and closes; each later call makes
-// Node build an ERR_STREAM_ALREADY_FINISHED with a stack trace, only to drop it. Skip those calls.
-function receiverEnd (this: ReceiverWithReader): ReceiverWithReader {
-  if (!this.writableFinished && !this.destroyed) endWritable.call(this)
-  return this
-}
-
-function readerWrite (this: ReceiverWithReader, chunk: Buffer): boolean {
-  this[kReader].push(chunk, chunk.length)
-  return true
-}
-
-class ClientFrameReader {
-  /** True when reads come in the shared read buffer: no part of it may be kept past a read, unless taken. */
-  shared = false
-  private partial: Buffer | null = null // the start of a header cut by the end of a read
-  private control = 0 // bytes of a control frame still to pass to the Receiver
+/** An RFC 6455 frame parser for a server's incoming stream; its memory stays bounded whatever it is fed. */
+export class ClientFrameReader {
+  private partial: Buffer | null = null // the start of a header cut by the end of a read (< 14 bytes)
+  private control = 0 // bytes of a control frame still to pass on
   private left = 0 // payload bytes still to come in the current data frame
   private key = 0 // its masking key
   private keyOffset = 0 // payload bytes of the frame unmasked so far
   private fin = false
   private message = 0 // TEXT or BINARY while a message is in progress
   private messageLength = 0
-  private heldText: Buffer[] | null = null // a text message's bytes from earlier reads, held until it is whole
+  private fragments = 0
+  private textTail: Buffer | null = null // the start of a character cut by the end of a read (< 4 bytes)
   private done = false
-  // Per read: payloads are unmasked into `out`; out[handed, used) is still to hand on.
+  // Per read: payloads are unmasked into `out`; out[handed, used) is still to hand on, and of a text
+  // message in progress, out[textStart, used) is not yet checked.
   private out: Buffer = EMPTY
   private used = 0
   private handed = 0
-  private textStart = 0 // where, in out, the text message in progress begins
+  private textStart = 0
 
-  constructor (
-    private readonly ws: WebSocketInternals,
-    private readonly receiver: ReceiverWithReader,
-    private readonly target: FrameTarget,
-    private readonly maxPayload: number
-  ) {}
+  constructor (private readonly target: FrameTarget, private readonly limits: MessageLimits) {}
 
-  /** Reads the first `length` bytes of `chunk`. */
+  /** Reads the first `length` bytes of `chunk`, which it does not keep. */
   push (chunk: Buffer, length: number): void {
     if (this.done) return
-    let shared = this.shared
     if (this.partial !== null) {
       chunk = Buffer.concat([this.partial, chunk.subarray(0, length)])
       length = chunk.length
       this.partial = null
-      shared = false
     }
-    this.out = EMPTY
-    this.used = 0
-    this.handed = 0
-    this.textStart = 0
     let i = 0
     while (i < length && !this.done) {
       if (this.control > 0) {
         const count = Math.min(this.control, length - i)
         this.control -= count
-        // Copied: the Receiver keeps a control frame cut by the end of a read until the rest comes.
-        passToReceiver.call(this.receiver, Buffer.from(chunk.subarray(i, i + count)))
-        i += count
-        // After a close frame, or a control frame ws refused, nothing more is read.
-        if (this.ws._closeFrameReceived || this.receiver._errored) this.done = true
-      } else if (this.left > 0) {
-        const count = Math.min(this.left, length - i)
-        if (count >= IN_PLACE && this.message === BINARY) {
-          // A large payload is unmasked where it lies and handed on as it is, after what came before it.
-          this.handOn()
-          this.turnKey()
-          unmaskInPlace(chunk.subarray(i, i + count), scratchMask)
-          this.keyOffset += count
-          if (shared) {
-            takeReadBuffer()
-            shared = false
-          }
-          this.target.clientData(chunk.subarray(i, i + count))
-        } else {
-          if (this.out.length === 0) this.out = Buffer.allocUnsafe(length - i)
-          this.unmask(chunk, i, count)
+        // What came before goes first: a close frame ends the upstream's input.
+        if (this.handOnChecked()) {
+          // Copied: the target keeps a control frame cut by the end of a read until the rest comes.
+          if (!this.target.clientControl(Buffer.from(chunk.subarray(i, i + count)))) this.done = true
         }
         i += count
+      } else if (this.left > 0) {
+        const count = Math.min(this.left, length - i)
+        this.room(length - i)
+        this.unmask(chunk, i, count)
+        i += count
         this.left -= count
-        if (this.left === 0 && this.fin) this.endMessage()
+        if (this.left === 0 && this.fin) this.endMessage(0)
       } else {
         const header = this.header(chunk, i, length)
         if (header < 0) {
@@ -172,13 +131,11 @@ class ClientFrameReader {
         i += header
       }
     }
-    if (this.message === TEXT) {
-      // Text is handed on only when its message is whole and valid UTF-8.
-      if (this.used > this.textStart && !this.done) (this.heldText ??= []).push(this.out.subarray(this.textStart, this.used))
-      this.used = this.textStart
+    if (!this.done && this.handOnChecked() && this.message === TEXT && this.used > this.textStart) {
+      this.textTail = Buffer.from(this.out.subarray(this.textStart, this.used))
     }
-    this.handOn()
     this.out = EMPTY
+    this.used = this.handed = this.textStart = 0
   }
 
   /** Reads the frame header at `at`; returns the bytes it took, or -1 if the read ends (at `end`) before it does. */
@@ -204,6 +161,7 @@ class ClientFrameReader {
       if (this.message !== 0) return this.fault(1002, 'new message before the last one ended')
       this.message = opcode
       this.messageLength = 0
+      this.fragments = 0
       this.textStart = this.used
     } else {
       return this.fault(1002, `unknown opcode ${opcode}`)
@@ -216,13 +174,27 @@ class ClientFrameReader {
       size = high * 0x100000000 + chunk.readUInt32BE(at + 6)
     }
     this.messageLength += size
-    if (this.maxPayload > 0 && this.messageLength > this.maxPayload) return this.fault(1009, 'message too big')
+    const { maxPayload, maxFragments } = this.limits
+    if (maxPayload > 0 && this.messageLength > maxPayload) return this.fault(1009, 'message too big')
+    if (maxFragments > 0 && ++this.fragments > maxFragments) return this.fault(1008, 'too many message fragments')
     this.key = chunk.readInt32BE(at + length - 4)
     this.keyOffset = 0
     this.left = size
     this.fin = (b0 & 0x80) !== 0
-    if (size === 0 && this.fin) this.endMessage()
+    if (size === 0 && this.fin) this.endMessage(end - at)
     return length
+  }
+
+  /** Makes sure `out` has room for `count` more bytes; a cut character from the last read goes first. */
+  private room (count: number): void {
+    if (this.out !== EMPTY) return
+    const tail = this.textTail
+    this.out = Buffer.allocUnsafe(count + (tail?.length ?? 0))
+    if (tail !== null) {
+      tail.copy(this.out, 0)
+      this.used = tail.length
+      this.textTail = null
+    }
   }
 
   /** Puts the masking key in scratchMask, turned to start where the next payload byte falls. */
@@ -255,44 +227,49 @@ class ClientFrameReader {
     this.keyOffset += count
   }
 
-  /** The last frame of a message is in: text is checked as a whole before any of it is handed on. */
-  private endMessage (): void {
+  /** The last frame of a message is in: a text message must end on a whole character. `remaining` is
+   *  what is left of the read, for `out` if a cut character must be placed in it now. */
+  private endMessage (remaining: number): void {
     if (this.message === TEXT) {
-      const tail = this.out.subarray(this.textStart, this.used)
-      if (this.heldText === null) {
-        if (!isUtf8(tail)) {
-          this.fault(1007, 'invalid UTF-8 in a text message')
-          return
-        }
-      } else {
-        const whole = Buffer.concat([...this.heldText, tail])
-        this.heldText = null
-        if (!isUtf8(whole)) {
-          this.fault(1007, 'invalid UTF-8 in a text message')
-          return
-        }
-        // The held bytes come first: hand on what precedes the message, then the message.
-        const end = this.used
-        this.used = this.textStart
-        this.handOn()
-        this.target.clientData(whole)
-        this.used = this.handed = end
-      }
+      if (this.textTail !== null) this.room(remaining)
+      if (!this.checkText(true)) return
     }
     this.message = 0
   }
 
-  private handOn (): void {
-    if (this.used > this.handed) this.target.clientData(this.out.subarray(this.handed, this.used))
-    this.handed = this.used
+  /** Checks the text in out[textStart, used): all of it when `whole`, else up to its last whole character.
+   *  Returns false, having closed with 1007, if it is not UTF-8. */
+  private checkText (whole: boolean): boolean {
+    const text = this.out.subarray(this.textStart, this.used)
+    const end = whole ? text.length : completeLength(text)
+    if (!isUtf8(text.subarray(0, end))) {
+      this.fault(1007, 'invalid UTF-8 in a text message')
+      return false
+    }
+    this.textStart += end
+    return true
   }
 
-  /** Hands on the messages before the bad frame, stops reading and tells the target. */
+  /** Hands on what is ready: all of `out` but a text message's unchecked bytes, which are checked first.
+   *  Returns false if they were not UTF-8. */
+  private handOnChecked (): boolean {
+    let ready = this.used
+    if (this.message === TEXT) {
+      if (!this.checkText(false)) return false
+      ready = this.textStart
+    }
+    if (ready > this.handed) this.target.clientData(this.out.subarray(this.handed, ready))
+    this.handed = ready
+    return true
+  }
+
+  /** Hands on the messages before the bad frame (but no unchecked text), stops reading, tells the target. */
   private fault (code: number, reason: string): number {
-    if (this.message === TEXT) this.used = this.textStart
-    this.handOn()
+    const ready = this.message === TEXT ? this.textStart : this.used
+    if (ready > this.handed) this.target.clientData(this.out.subarray(this.handed, ready))
+    this.handed = this.used = ready
     this.done = true
-    this.heldText = null
+    this.textTail = null
     this.target.clientFault(code, reason)
     return 0
   }

@@ -4,9 +4,9 @@ import fp from 'fastify-plugin'
 import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import { resolveOptions, type FastifyWstunnelOptions } from './options'
-import { backend } from './backend'
+import { backend, type BackendState } from './backend'
 import { installSubprotocolChooser } from './subprotocol'
-import type { Bridge } from './bridge'
+import { probeInternals } from './private-internals'
 
 /** What the plugin adds to the Fastify instance as `fastify.wstunnel`. */
 export interface WstunnelDecorator {
@@ -24,11 +24,13 @@ declare module 'fastify' {
 
 async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWstunnelOptions): Promise<void> {
   const options = resolveOptions(rawOptions)
-  const bridges = new Set<Bridge>()
+  const state: BackendState = { bridges: new Set(), closing: false, connecting: new AbortController() }
+  const { bridges } = state
+  await probeInternals()
 
   if (!fastify.hasDecorator('websocketServer')) {
     await fastify.register(websocket, {
-      options: { maxPayload: options.maxPayload, perMessageDeflate: false },
+      options: { maxPayload: assembledLimit(options.routes), perMessageDeflate: false },
       // ws has already closed a client that sent a bad frame with the right code; only log it.
       errorHandler (error, socket, request) {
         request.log.debug({ err: error }, 'websocket error')
@@ -40,8 +42,6 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
         done()
       }
     })
-  } else if (rawOptions.maxPayload !== undefined && fastify.websocketServer.options.maxPayload !== options.maxPayload) {
-    fastify.log.warn('fastify-wstunnel: maxPayload is ignored because @fastify/websocket was registered before it; set it there')
   }
 
   installSubprotocolChooser(fastify.websocketServer)
@@ -66,12 +66,25 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     if (isUpgradeRequest(request.raw)) request.raw.socket.destroy()
     done()
   })
+  // Handshakes still in progress are answered 503 and their upstream connects aborted; one that upgrades
+  // after this is closed with 1001 at once; every client has closeTimeout to answer its 1001.
   fastify.addHook('preClose', (done) => {
+    state.closing = true
+    state.connecting.abort()
     for (const bridge of bridges) bridge.shutdown()
     done()
   })
 
-  await fastify.register(backend, { routes: options.routes, bridges })
+  await fastify.register(backend, { routes: options.routes, state })
+}
+
+/** ws assembles messages only where the bridge cannot read the frames itself (private-internals.ts says
+ *  when); there a message is bounded by the largest route maxPayload, or by ws's own default of 100 MiB
+ *  where a route has none, and each route's own limit is checked on the whole message. ws keeps the limit
+ *  in 32 bits. */
+function assembledLimit (routes: Array<{ maxPayload: number }>): number {
+  const limit = routes.some(route => route.maxPayload === 0) ? 100 * 1024 * 1024 : Math.max(...routes.map(route => route.maxPayload))
+  return Math.min(limit, 2 ** 31 - 1)
 }
 
 function isUpgradeRequest (request: IncomingMessage): boolean {

@@ -2,7 +2,7 @@ import Type, { type Static, type TSchema } from 'typebox'
 import { Compile } from 'typebox/compile'
 import { Settings } from 'typebox/system'
 import { InvalidOptionsError } from './errors'
-import { compileOrigins, PATTERN_HELP, type OriginMatcher, type OriginsOption } from './origin'
+import { compileHostnames, compileOrigins, PATTERN_HELP, type OriginMatcher, type OriginsOption } from './origin'
 
 // Every problem is reported, not only the first eight.
 Settings.Set({ maxErrors: 1000 })
@@ -32,6 +32,8 @@ const routeSettings = {
   idleTimeout: Millis(0),
   pingInterval: Millis(30000),
   closeTimeout: Millis(2000),
+  // 0 is no limit; the largest safe integer is as far as a byte count can be exact.
+  maxPayload: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 }),
   requireOrigin: Type.Boolean({ default: false }),
   requireSubprotocol: Type.Boolean({ default: false })
 }
@@ -40,6 +42,8 @@ const routeSettings = {
 const optionalSettings = {
   // Strings, lists of strings, and in JavaScript RegExps and functions: checked and compiled by origin.ts.
   origins: Type.Optional(Type.Unsafe<OriginsOption>({ description: `${PATTERN_HELP}, a RegExp, a function, or a list of them` })),
+  // The names 'same-origin' trusts besides IP literals and localhost: checked and normalised by origin.ts.
+  hostnames: Type.Optional(Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty list of host names' })),
   proxyProtocol: Type.Optional(Type.Enum(['v1', 'v2']))
 }
 
@@ -67,7 +71,6 @@ export const OptionsSchema = Type.Object({
     additionalProperties: false,
     keyMessage: "is not a route path (it must start with '/' and hold no spaces)"
   }),
-  maxPayload: Type.Integer({ minimum: 1, maximum: 2147483647, default: 1048576 }),
   ...routeSettings,
   ...optionalSettings
 }, { additionalProperties: false })
@@ -91,10 +94,13 @@ export interface ResolvedRoute extends RouteSettings {
   /** When `subprotocols` is a map: the upstream of each. */
   upstreamBySubprotocol: Map<string, UpstreamTarget> | null
   origins: OriginMatcher | null
+  /** The names 'same-origin' trusts besides IP literals and localhost: lower-case, punycode. */
+  hostnames: ReadonlySet<string>
   proxyProtocol: 'v1' | 'v2' | null
 }
 
 export interface ResolvedOptions {
+  /** The plugin-wide maxPayload: each route's own is on the route. */
   maxPayload: number
   routes: ResolvedRoute[]
 }
@@ -110,11 +116,17 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
     throw new InvalidOptionsError('options: must be an object with a "routes" object')
   }
-  const options = { ...defaultSettings, ...raw } as Static<typeof OptionsSchema>
+  // A key set to undefined is a key left out, so the default or the plugin-wide value applies.
+  const given = definedOnly(raw)
+  if (isObject(given.routes)) {
+    given.routes = Object.fromEntries(Object.entries(given.routes).map(([path, route]) => [path, isObject(route) ? definedOnly(route) : route]))
+  }
+  const options = { ...defaultSettings, ...given } as Static<typeof OptionsSchema>
   const problems = check.Check(options) ? [] : describeErrors(OptionsSchema, [...check.Errors(options)])
   // Checks the schema cannot express; each is safe on any input, so every problem is reported at once.
-  const defaultOrigins = options.origins === undefined ? null : compileOrigins(options.origins, 'origins', problems)
-  const origins = new Map<string, OriginMatcher | null>()
+  const defaultHostnames = compileHostnames(options.hostnames, 'hostnames', problems)
+  if (options.origins !== undefined) compileOrigins(options.origins, 'origins', problems, defaultHostnames) // reported once, even with no routes
+  const compiled = new Map<string, { origins: OriginMatcher | null, hostnames: ReadonlySet<string> }>()
   const routeEntries = isObject(options.routes) ? Object.entries(options.routes) : []
   for (const [path, route] of routeEntries) {
     if (!isObject(route)) continue
@@ -122,13 +134,15 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     if (route.upstream === undefined && !isObject(route.subprotocols)) {
       problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream)`)
     }
-    origins.set(path, route.origins === undefined ? defaultOrigins : compileOrigins(route.origins, `${at}.origins`, problems))
+    const hostnames = route.hostnames === undefined ? defaultHostnames : compileHostnames(route.hostnames, `${at}.hostnames`, problems)
+    // Compiled per route, as 'same-origin' needs the route's own hostnames.
+    const [origins, originsAt] = route.origins === undefined ? [options.origins, 'origins'] : [route.origins, `${at}.origins`]
+    compiled.set(path, { origins: origins === undefined ? null : compileOrigins(origins, originsAt, problems, hostnames), hostnames })
   }
   if (problems.length > 0) throw new InvalidOptionsError([...new Set(problems)].join('\n'))
 
   const defaults: Record<string, unknown> = { ...options }
   delete defaults.routes
-  delete defaults.maxPayload
   const routes = routeEntries.map(([path, route]): ResolvedRoute => {
     const map = route.subprotocols !== undefined && !Array.isArray(route.subprotocols) ? route.subprotocols : null
     return {
@@ -138,15 +152,21 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
       upstream: route.upstream === undefined ? null : parseUpstream(route.upstream),
       subprotocols: route.subprotocols === undefined ? [] : Array.isArray(route.subprotocols) ? route.subprotocols : Object.keys(route.subprotocols),
       upstreamBySubprotocol: map === null ? null : new Map(Object.entries(map).map(([name, upstream]) => [name, parseUpstream(upstream)])),
-      origins: origins.get(path) ?? null,
+      origins: compiled.get(path)?.origins ?? null,
+      hostnames: compiled.get(path)?.hostnames ?? new Set(),
       proxyProtocol: route.proxyProtocol ?? options.proxyProtocol ?? null
     }
   })
   return { maxPayload: options.maxPayload, routes }
 }
 
-function isObject (value: unknown): boolean {
+function isObject (value: unknown): value is Record<string, unknown> {
   return value !== null && typeof value === 'object' && !Array.isArray(value)
+}
+
+/** A shallow copy without the keys whose value is undefined. */
+function definedOnly (object: object): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== undefined))
 }
 
 /** Turns any accepted upstream form into a target with a printable label. */

@@ -1,3 +1,4 @@
+import { isIPv4 } from 'node:net'
 import { domainToASCII } from 'node:url'
 import type { FastifyRequest, onRequestAsyncHookHandler } from 'fastify'
 import { OriginForbiddenError } from './errors'
@@ -21,13 +22,18 @@ interface ParsedOrigin {
 export type OriginMatcher = (origin: string, request: FastifyRequest) => Promise<boolean>
 type PatternTest = (origin: string, parsed: ParsedOrigin | null, request: FastifyRequest) => boolean
 
-const DEFAULT_PORTS: Record<string, number> = { 'http:': 80, 'https:': 443, 'ws:': 80, 'wss:': 443 }
-const PATTERN = /^([a-z][a-z0-9+.-]*):\/\/(\*\.)?(\[[0-9a-f:.]+\]|[^\s/:[\]?#@*]+)(?::(\d{1,5}|\*))?\/?$/i
+const DEFAULT_PORTS: Record<string, number> = { 'http:': 80, 'https:': 443, 'ws:': 80, 'wss:': 443, 'ftp:': 21 }
+const PATTERN = /^([a-z][a-z0-9+.-]*):\/\/(\*\.)?(\[[0-9a-f:.]+\]|[^\s/\\:[\]?#@*%]+)(?::(\d{1,5}|\*))?\/?$/i
+// What a browser sends: scheme://host[:port] (RFC 6454), the host an IP literal or letters, digits, '-', '_' and '.'.
+const HOST = '(\\[[0-9a-f:.]+\\]|[a-z0-9_.-]+)(?::(\\d{1,5}))?'
+const ORIGIN = new RegExp(`^([a-z][a-z0-9+.-]*)://${HOST}$`, 'i')
+const HOST_HEADER = new RegExp(`^${HOST}$`, 'i')
+const HOSTNAME = /^[^\s/\\:[\]?#@*%]+$/
 export const PATTERN_HELP = "'*', 'same-origin', 'null', 'scheme://host[:port]', 'scheme://*.domain' or 'scheme://host:*'"
 
 /** Compiles the `origins` option into one matcher; every pattern is parsed here, once.
  *  Each entry that is not an origin pattern adds a line naming it to `problems`. */
-export function compileOrigins (option: OriginsOption, at: string, problems: string[]): OriginMatcher {
+export function compileOrigins (option: OriginsOption, at: string, problems: string[], hostnames: ReadonlySet<string>): OriginMatcher {
   const entries = Array.isArray(option) ? option : [option]
   if (entries.length === 0) problems.push(`${at}: must list at least one origin (leave it out to allow any)`)
   const patterns: PatternTest[] = []
@@ -38,7 +44,7 @@ export function compileOrigins (option: OriginsOption, at: string, problems: str
       return
     }
     try {
-      patterns.push(compilePattern(entry, Array.isArray(option) ? `${at}[${index}]` : at))
+      patterns.push(compilePattern(entry, Array.isArray(option) ? `${at}[${index}]` : at, hostnames))
     } catch (err) {
       problems.push((err as Error).message)
     }
@@ -52,7 +58,7 @@ export function compileOrigins (option: OriginsOption, at: string, problems: str
   }
 }
 
-function compilePattern (entry: unknown, at: string): PatternTest {
+function compilePattern (entry: unknown, at: string, hostnames: ReadonlySet<string>): PatternTest {
   if (entry instanceof RegExp) {
     const regexp = new RegExp(entry.source, entry.flags.replace(/[gy]/g, '')) // a stateless copy
     return (_origin, parsed) => parsed !== null && regexp.test(parsed.serialized)
@@ -60,7 +66,7 @@ function compilePattern (entry: unknown, at: string): PatternTest {
   if (typeof entry !== 'string') throw new Error(`${at}: must be an origin string, a RegExp or a function`)
   if (entry === '*') return (_origin, parsed) => parsed !== null
   if (entry === 'null') return origin => origin === 'null'
-  if (entry === 'same-origin') return (_origin, parsed, request) => parsed !== null && isSameOrigin(parsed, request.headers.host)
+  if (entry === 'same-origin') return (_origin, parsed, request) => parsed !== null && isSameOrigin(parsed, request.headers.host, hostnames)
   const match = PATTERN.exec(entry)
   if (match === null) throw new Error(`${at}: ${JSON.stringify(entry)} is not an origin pattern (use ${PATTERN_HELP})`)
   const scheme = match[1].toLowerCase() + ':'
@@ -77,44 +83,68 @@ function compilePattern (entry: unknown, at: string): PatternTest {
     (wildcardHost ? parsed.hostname.endsWith(suffix) : parsed.hostname === hostname)
 }
 
-/** Parses an Origin header value; null if it is 'null', opaque or not a bare scheme://host[:port]. */
+/** Parses an Origin header value; null if it is 'null', opaque or not exactly scheme://host[:port]
+ *  (case and an explicit default port aside): nothing the URL parser would strip, decode or reinterpret. */
 export function parseOrigin (origin: string): ParsedOrigin | null {
-  if (!/^[a-z][a-z0-9+.-]*:\/\/[^/?#@\s]+$/i.test(origin)) return null
-  let url: URL
+  const match = ORIGIN.exec(origin)
+  if (match === null) return null
+  const scheme = match[1].toLowerCase() + ':'
+  if (scheme === 'file:') return null // file: origins are opaque
+  const hostname = canonicalHost(match[2])
+  const port = match[3] === undefined ? DEFAULT_PORTS[scheme] ?? 0 : Number(match[3])
+  if (hostname === null || port > 65535) return null
+  const shown = port === (DEFAULT_PORTS[scheme] ?? 0) ? '' : `:${port}`
+  return { serialized: `${scheme}//${hostname}${shown}`, scheme, hostname, port }
+}
+
+/** The host as a browser serialises it (lower case; IPv6 compressed), or null if the URL parser would
+ *  rewrite it otherwise: '0x7f.1' and '127.1' are 127.0.0.1 to it, so no browser sends them. */
+function canonicalHost (host: string): string | null {
+  let hostname: string
   try {
-    url = new URL(origin)
+    hostname = new URL(`http://${host}`).hostname
   } catch {
     return null
   }
-  if (url.origin === 'null' || url.hostname === '') return null
-  const scheme = url.protocol
-  return { serialized: url.origin, scheme, hostname: url.hostname, port: url.port === '' ? DEFAULT_PORTS[scheme] ?? 0 : Number(url.port) }
+  return hostname.startsWith('[') || hostname === host.toLowerCase() ? hostname : null
 }
 
-/** Lower-case, punycode form of a host as the URL parser gives it, or null if it is not a host. */
+/** Lower-case, punycode form of a pattern's host, or null if it is not a host. */
 function normaliseHost (host: string): string | null {
-  if (host.startsWith('[')) {
-    try {
-      return new URL(`http://${host}`).hostname
-    } catch {
-      return null
-    }
-  }
+  if (host.startsWith('[')) return canonicalHost(host)
   const ascii = domainToASCII(host)
   return ascii === '' ? null : ascii
 }
 
-/** True if the origin names the same host and port as the request's Host header. */
-function isSameOrigin (origin: ParsedOrigin, host: string | undefined): boolean {
-  if (host === undefined) return false
-  let url: URL
-  try {
-    url = new URL(`${origin.scheme}//${host}`)
-  } catch {
-    return false
-  }
-  const port = url.port === '' ? DEFAULT_PORTS[origin.scheme] ?? 0 : Number(url.port)
-  return url.hostname === origin.hostname && port === origin.port
+/** Compiles the `hostnames` option into a set of lower-case punycode names, as browsers send them in Host.
+ *  Each entry that is not a host name adds a line naming it to `problems`. */
+export function compileHostnames (names: unknown, at: string, problems: string[]): ReadonlySet<string> {
+  const compiled = new Set<string>()
+  if (!Array.isArray(names)) return compiled // the schema reports it
+  names.forEach((name: unknown, index) => {
+    // domainToASCII would cut 'gw.example\\x' at the backslash, so such characters are refused first.
+    const host = typeof name === 'string' && HOSTNAME.test(name) ? domainToASCII(name) : ''
+    if (host === '') problems.push(`${at}[${index}]: ${JSON.stringify(name)} is not a host name (no scheme, port, path or wildcard)`)
+    else compiled.add(host)
+  })
+  return compiled
+}
+
+/** True if the origin names the same host and port as the request's Host header, and that host is one a
+ *  DNS-rebinding page cannot claim: an IP literal, localhost, or one of `hostnames`. */
+function isSameOrigin (origin: ParsedOrigin, host: string | undefined, hostnames: ReadonlySet<string>): boolean {
+  const match = host === undefined ? null : HOST_HEADER.exec(host)
+  if (match === null) return false
+  const hostname = canonicalHost(match[1])
+  const port = match[2] === undefined ? DEFAULT_PORTS[origin.scheme] ?? 0 : Number(match[2])
+  return hostname === origin.hostname && port === origin.port && isKnownHost(hostname, hostnames)
+}
+
+/** An IP literal is what the client connected to; browsers resolve localhost and *.localhost to loopback
+ *  themselves; any other name may resolve wherever its owner likes, so it must be listed. */
+function isKnownHost (hostname: string, hostnames: ReadonlySet<string>): boolean {
+  return hostname.startsWith('[') || isIPv4(hostname) || hostname === 'localhost' || hostname.endsWith('.localhost') ||
+    hostnames.has(hostname)
 }
 
 /** The route's origin filter, an onRequest hook: a refused origin gets 403 before any upstream is touched.

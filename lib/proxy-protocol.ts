@@ -33,7 +33,8 @@ export interface ProxyInfo {
 }
 
 /** Builds a PROXY protocol header, version 'v1' (text) or 'v2' (binary, with TLVs).
- *  Addresses that are not IP (a unix-socket listener) give 'UNKNOWN' (v1) or a LOCAL header (v2). */
+ *  Addresses that are not IP (a unix-socket listener) give 'UNKNOWN' (v1) or a LOCAL header (v2); a TLV that
+ *  would take the v2 header's length past 65535 bytes is left out, never cut. */
 export function proxyHeader (version: 'v1' | 'v2', info: ProxyInfo): Buffer {
   const addresses = pairAddresses(info.sourceAddress, info.destinationAddress)
   if (version === 'v1') {
@@ -41,12 +42,6 @@ export function proxyHeader (version: 'v1' | 'v2', info: ProxyInfo): Buffer {
     const family = addresses.ipv6 ? 'TCP6' : 'TCP4'
     return Buffer.from(`PROXY ${family} ${addresses.source} ${addresses.destination} ${info.sourcePort} ${info.destinationPort}\r\n`)
   }
-  const tlvs = [
-    tlv(TLV.AUTHORITY, info.authority),
-    tlv(TLV.SUBPROTOCOL, info.subprotocol),
-    tlv(TLV.PATH, info.path),
-    tlv(TLV.ORIGIN, info.origin)
-  ]
   let block: Buffer
   if (addresses === null) {
     block = Buffer.alloc(0)
@@ -67,15 +62,24 @@ export function proxyHeader (version: 'v1' | 'v2', info: ProxyInfo): Buffer {
   SIGNATURE.copy(header, 0)
   header[12] = addresses === null ? VERSION_2_LOCAL : VERSION_2_PROXY
   header[13] = addresses === null ? UNSPECIFIED : addresses.ipv6 ? TCP_OVER_IPV6 : TCP_OVER_IPV4
-  const body = Buffer.concat([block, ...tlvs])
-  header.writeUInt16BE(body.length, 14)
-  return Buffer.concat([header, body])
+  const parts = [block]
+  let length = block.length
+  for (const [type, value] of [[TLV.AUTHORITY, info.authority], [TLV.SUBPROTOCOL, info.subprotocol], [TLV.PATH, info.path], [TLV.ORIGIN, info.origin]] as const) {
+    if (value === undefined || value === '') continue
+    const bytes = Buffer.from(value, 'utf8')
+    // The header's length is 16 bits; a cut value would read as a different Host or path, so it is left out.
+    if (length + 3 + bytes.length > 0xffff) continue
+    parts.push(Buffer.from([type, bytes.length >> 8, bytes.length & 0xff]), bytes)
+    length += 3 + bytes.length
+  }
+  header.writeUInt16BE(length, 14)
+  return Buffer.concat([header, ...parts])
 }
 
 /** Both addresses in one family: IPv4 if both are (or map to) IPv4, else IPv6; null if either is not IP. */
 function pairAddresses (source: string, destination: string): { source: string, destination: string, ipv6: boolean } | null {
-  const from = unmap(source)
-  const to = unmap(destination)
+  const from = unmap(unzone(source))
+  const to = unmap(unzone(destination))
   if (isIPv4(from) && isIPv4(to)) return { source: from, destination: to, ipv6: false }
   if (!(isIP(from) && isIP(to))) return null
   return { source: isIPv4(from) ? `::ffff:${from}` : from, destination: isIPv4(to) ? `::ffff:${to}` : to, ipv6: true }
@@ -83,6 +87,13 @@ function pairAddresses (source: string, destination: string): { source: string, 
 
 function isIP (address: string): boolean {
   return isIPv4(address) || isIPv6(address)
+}
+
+/** 'fe80::1%eth0' → 'fe80::1': the zone names an interface of this host, meaningless to the upstream
+ *  (and neither PROXY format has room for it). */
+function unzone (address: string): string {
+  const percent = address.indexOf('%')
+  return percent !== -1 && isIPv6(address) ? address.slice(0, percent) : address
 }
 
 /** '::ffff:1.2.3.4' → '1.2.3.4'; anything else unchanged. */
@@ -107,14 +118,4 @@ function ipv6Bytes (address: string): Buffer {
   const bytes = Buffer.alloc(16)
   groups.forEach((group, index) => bytes.writeUInt16BE(parseInt(group, 16), index * 2))
   return bytes
-}
-
-function tlv (type: number, value: string | undefined): Buffer {
-  if (value === undefined || value === '') return Buffer.alloc(0)
-  const bytes = Buffer.from(value, 'utf8').subarray(0, 65535)
-  const entry = Buffer.alloc(3 + bytes.length)
-  entry[0] = type
-  entry.writeUInt16BE(bytes.length, 1)
-  bytes.copy(entry, 3)
-  return entry
 }

@@ -10,14 +10,13 @@ export class TextFramer {
     this.decoder = invalidUtf8 === 'replace' ? new TextDecoder('utf-8', { fatal: false }) : null
   }
 
-  /** Returns the complete text in `chunk` (a Buffer of valid UTF-8, or a string in replace mode),
-   *  or null when the bytes are not UTF-8. A character cut at the end waits for the next chunk. */
-  push (chunk: Buffer): Buffer | string | null {
-    if (this.decoder !== null) return this.decoder.decode(chunk, { stream: true })
-    if (this.tail !== null) {
-      chunk = Buffer.concat([this.tail, chunk])
-      this.tail = null
-    }
+  /** Returns the complete text in `bytes` (valid UTF-8 in memory of its own, or a string in replace mode),
+   *  or null when the bytes are not UTF-8. A character cut at the end waits for the next push. `bytes` is
+   *  not kept. */
+  push (bytes: Buffer): Buffer | string | null {
+    if (this.decoder !== null) return this.decoder.decode(bytes, { stream: true })
+    let chunk = this.tail === null ? Buffer.from(bytes) : Buffer.concat([this.tail, bytes])
+    this.tail = null
     const end = completeLength(chunk)
     if (end < chunk.length) {
       this.tail = Buffer.from(chunk.subarray(end))
@@ -33,8 +32,8 @@ export class TextFramer {
   }
 }
 
-/** Returns how many leading bytes of `bytes` end on a character boundary. */
-function completeLength (bytes: Buffer): number {
+/** Returns how many leading bytes of `bytes` end on a character boundary (the rest: a character cut short). */
+export function completeLength (bytes: Buffer): number {
   const length = bytes.length
   for (let i = length - 1; i >= 0 && i >= length - 4; i--) {
     const byte = bytes[i]

@@ -2,7 +2,8 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
 import type { Socket } from 'node:net'
-import { openClient, startEcho, startGateway, startTcp, waitFor } from './helpers'
+import WebSocket from 'ws'
+import { closed, openClient, startEcho, startGateway, startTcp, waitFor } from './helpers'
 
 const MB = 1024 * 1024
 // Gateway-side bytes allowed per connection: its high-water mark towards the client, one TCP read, socket buffers.
@@ -116,4 +117,60 @@ test('an upstream that reads nothing stops the gateway reading the client', { ti
   await waitFor(() => length === sent, 20000)
   assert.equal(receivedHash.digest('hex'), sentHash.digest('hex'), 'the upstream got exactly the bytes sent, in order')
   ws.close()
+})
+
+/** Sends `total` bytes from `ws` as 64 KiB messages, as fast as its own buffer lets it, until it closes;
+ *  resolves with their hash. */
+async function sendAll (ws: WebSocket, total: number): Promise<string> {
+  const hash = createHash('sha256')
+  for (let sent = 0; sent < total && ws.readyState === WebSocket.OPEN; sent += 64 * 1024) {
+    const message = randomBytes(64 * 1024)
+    hash.update(message)
+    ws.send(message)
+    while (ws.bufferedAmount > 4 * MB && ws.readyState === WebSocket.OPEN) await new Promise(resolve => setTimeout(resolve, 5))
+  }
+  return hash.digest('hex')
+}
+
+test('a client paused because its upstream is not reading is not taken for dead by the heartbeat', { timeout: 30000 }, async (t) => {
+  let upstream: Socket | undefined
+  const sink = await startTcp(socket => {
+    upstream = socket
+    socket.pause()
+  })
+  const gateway = await startGateway({ pingInterval: 100, routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+  const ws = await openClient(`${gateway.url}/sink`)
+
+  const total = 24 * MB
+  const sending = sendAll(ws, total)
+  // The gateway stops reading the client (and its pongs) while the upstream reads nothing: 10 pings go by.
+  await new Promise(resolve => setTimeout(resolve, 1000))
+  assert.equal(ws.readyState, WebSocket.OPEN, 'the client was not terminated')
+  let length = 0
+  const received = createHash('sha256')
+  upstream!.on('data', (chunk: Buffer) => { length += chunk.length; received.update(chunk) })
+  upstream!.resume()
+  const sent = await sending
+  await waitFor(() => length === total, 20000)
+  assert.equal(received.digest('hex'), sent)
+  assert.equal(ws.readyState, WebSocket.OPEN)
+  ws.close()
+})
+
+test('an upstream that closes with writes pending resumes the paused client, and the close completes', { timeout: 10000 }, async (t) => {
+  let upstream: Socket | undefined
+  const sink = await startTcp(socket => {
+    upstream = socket
+    socket.pause()
+  })
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+  const ws = await openClient(`${gateway.url}/sink`)
+  sendAll(ws, 64 * MB).catch(() => {})
+  await waitFor(() => ws.bufferedAmount > 2 * MB, 5000) // the gateway has stopped reading the client
+  upstream!.destroy()
+  // ws would wait 30 s for a close reply the paused gateway never read.
+  const { code } = await closed(ws)
+  assert.ok(code === 1000 || code === 1011, `closed with ${code}`)
 })

@@ -1,105 +1,30 @@
 import { test, type TestContext } from 'node:test'
 import assert from 'node:assert/strict'
-import { once } from 'node:events'
-import { connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import websocket from '@fastify/websocket'
 import type { FastifyInstance } from 'fastify'
 import type { WebSocket } from 'ws'
 import { startGateway, startTcp, waitFor } from './helpers'
+import { CLOSE, PING, closeFrame, frame, openRaw, writeCut, type RawClient } from './raw-client'
 
-// The gateway reads the client's frames itself (lib/frames.ts). These tests speak raw RFC 6455 from a TCP
-// socket, so they can cut frames anywhere and send what a well-behaved client library never would.
-
-const PING = 0x9
-const CLOSE = 0x8
-
-/** One client frame: masked unless `masked` is false; `rsv` is the three RSV bits (0-7). */
-function frame (opcode: number, payload: Buffer | string, { fin = true, masked = true, rsv = 0 } = {}): Buffer {
-  const data = Buffer.from(payload)
-  const length = data.length
-  const extra = length < 126 ? 0 : length < 0x10000 ? 2 : 8
-  const header = Buffer.alloc(2 + extra + (masked ? 4 : 0))
-  header[0] = (fin ? 0x80 : 0) | (rsv << 4) | opcode
-  header[1] = (masked ? 0x80 : 0) | (extra === 0 ? length : extra === 2 ? 126 : 127)
-  if (extra === 2) header.writeUInt16BE(length, 2)
-  if (extra === 8) header.writeBigUInt64BE(BigInt(length), 2)
-  if (!masked) return Buffer.concat([header, data])
-  const key = randomBytes(4)
-  key.copy(header, 2 + extra)
-  const body = Buffer.alloc(length)
-  for (let i = 0; i < length; i++) body[i] = data[i] ^ key[i & 3]
-  return Buffer.concat([header, body])
-}
-
-/** A server frame the client received. */
-interface ServerFrame { opcode: number, payload: Buffer }
-
-/** A raw WebSocket client: the handshake done, the server's frames parsed as they come. */
-interface RawClient { socket: Socket, frames: ServerFrame[], ended: boolean }
-
-async function openRaw (url: string): Promise<RawClient> {
-  const { hostname, port, pathname } = new URL(url)
-  const socket = connect(Number(port), hostname)
-  socket.setNoDelay(true)
-  await once(socket, 'connect')
-  socket.write(`GET ${pathname} HTTP/1.1\r\nHost: ${hostname}:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
-    `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\n\r\n`)
-  const client: RawClient = { socket, frames: [], ended: false }
-  let buffered = Buffer.alloc(0)
-  let upgraded = false
-  socket.on('data', (chunk: Buffer) => {
-    buffered = Buffer.concat([buffered, chunk])
-    if (!upgraded) {
-      const end = buffered.indexOf('\r\n\r\n')
-      if (end < 0) return
-      assert.match(buffered.subarray(0, end).toString(), /^HTTP\/1.1 101 /)
-      upgraded = true
-      buffered = buffered.subarray(end + 4)
-    }
-    while (buffered.length >= 2) {
-      let length = buffered[1] & 0x7f
-      let offset = 2
-      if (length === 126) { length = buffered.readUInt16BE(2); offset = 4 }
-      if (length === 127) { length = Number(buffered.readBigUInt64BE(2)); offset = 10 }
-      if (buffered.length < offset + length) return
-      client.frames.push({ opcode: buffered[0] & 0x0f, payload: buffered.subarray(offset, offset + length) })
-      buffered = buffered.subarray(offset + length)
-    }
-  })
-  socket.on('close', () => { client.ended = true })
-  await waitFor(() => upgraded)
-  return client
-}
-
-/** Writes `bytes` cut at `cuts`, pausing between the pieces so that the gateway reads them apart. */
-async function writeCut (socket: Socket, bytes: Buffer, cuts: number[]): Promise<void> {
-  let from = 0
-  for (const cut of [...cuts, bytes.length]) {
-    socket.write(bytes.subarray(from, cut))
-    from = cut
-    await new Promise(resolve => setTimeout(resolve, 3))
-  }
-}
-
-/** Resolves with the close frame's code and reason once the gateway has sent one. */
-async function closeFrame (client: RawClient): Promise<{ code: number, reason: string }> {
-  await waitFor(() => client.frames.some(f => f.opcode === CLOSE))
-  const { payload } = client.frames.find(f => f.opcode === CLOSE) as ServerFrame
-  return { code: payload.readUInt16BE(0), reason: payload.subarray(2).toString() }
-}
+// The gateway reads the client's frames itself (lib/frames.ts); these tests speak raw RFC 6455 (raw-client.ts).
 
 /** A gateway in front of a sink that keeps what it receives, and a raw client bridged to it. */
-async function bridgedToSink (t: TestContext, maxPayload?: number, onConnection?: (socket: Socket) => void): Promise<{ client: RawClient, received: () => Buffer, logs: () => Array<Record<string, unknown>> }> {
+async function bridgedToSink (t: TestContext, maxPayload?: number, onConnection?: (socket: Socket) => void, raw: { allowHalfOpen?: boolean } = {}): Promise<{ client: RawClient, received: () => Buffer, logs: () => Array<Record<string, unknown>>, upstreamEnded: () => boolean }> {
   const chunks: Buffer[] = []
-  const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => chunks.push(chunk)))
+  let ended = false
+  const sink = await startTcp(socket => {
+    socket.on('data', (chunk: Buffer) => chunks.push(chunk))
+    socket.on('end', () => { ended = true })
+  })
   const setup = onConnection === undefined ? undefined : (app: FastifyInstance) => { app.server.on('connection', onConnection) }
   const gateway = await startGateway({ ...(maxPayload === undefined ? {} : { maxPayload }), routes: { '/sink': { upstream: sink.address } } }, setup)
   t.after(async () => { await gateway.app.close(); await sink.close() })
   const upstream = sink.nextSocket()
-  const client = await openRaw(`${gateway.url}/sink`)
+  const client = await openRaw(`${gateway.url}/sink`, raw)
   await upstream
-  return { client, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed') }
+  return { client, received: () => Buffer.concat(chunks), logs: () => gateway.logs.find('wstunnel bridge closed'), upstreamEnded: () => ended }
 }
 
 /** The symbol under which a net.Socket keeps its `onread` callback (null when it reads the stream way). */
@@ -161,19 +86,30 @@ test('a client socket that cannot read into the shared buffer is read the stream
   assert.equal((server as unknown as Record<symbol, unknown>)[onreadCallback(server as Socket)], taken, 'the gateway left the socket as it was')
 })
 
-test('a text message is handed on only once it is whole and valid UTF-8', { timeout: 10000 }, async (t) => {
+test('text streams as it is checked: whole characters pass at once, a cut one waits, invalid bytes never pass', { timeout: 10000 }, async (t) => {
   const { client, received, logs } = await bridgedToSink(t)
 
-  client.socket.write(Buffer.concat([frame(1, 'first '), frame(1, Buffer.from('ab\xe2\x98'), { fin: false })]))
+  client.socket.write(Buffer.concat([frame(1, 'first '), frame(1, Buffer.from([0x61, 0x62, 0xe2, 0x98]), { fin: false })]))
+  await waitFor(() => received().length >= 8)
   await new Promise(resolve => setTimeout(resolve, 50))
-  assert.equal(received().toString(), 'first ', 'half a text message is held back')
+  assert.equal(received().toString(), 'first ab', 'the cut character is held back, the rest passes')
   // The character completes in the next fragment, and then the message carries an invalid byte.
-  client.socket.write(Buffer.concat([frame(0, Buffer.from([0x83]), { fin: false }), frame(0, Buffer.from([0xff]))]))
+  client.socket.write(frame(0, Buffer.from([0x83, 0x21]), { fin: false }))
+  await waitFor(() => received().length >= 12)
+  client.socket.write(frame(0, Buffer.from([0x21, 0xff])))
   assert.deepEqual(await closeFrame(client), { code: 1007, reason: 'invalid UTF-8 in a text message' })
-  client.socket.destroy()
   await waitFor(() => logs().length === 1)
-  assert.equal(received().toString(), 'first ', 'nothing of the invalid message reached the upstream')
+  assert.equal(received().toString(), 'first ab\u2603!', 'none of the invalid read reached the upstream')
   assert.equal(logs()[0].closedBy, 'gateway')
+})
+
+test('a text message that ends on a cut character closes with 1007', { timeout: 10000 }, async (t) => {
+  const { client, received } = await bridgedToSink(t)
+  client.socket.write(Buffer.concat([frame(1, Buffer.from([0x61, 0xe2]), { fin: false })]))
+  await waitFor(() => received().length >= 1)
+  client.socket.write(frame(0, Buffer.from([0x98])))
+  assert.deepEqual(await closeFrame(client), { code: 1007, reason: 'invalid UTF-8 in a text message' })
+  assert.equal(received().toString(), 'a')
 })
 
 const faults: Array<{ name: string, frames: () => Buffer[], code: number, reason: string }> = [
@@ -242,4 +178,34 @@ test('with a ws whose internals it does not know, the bridge falls back to ws\'s
   assert.equal(code, 1002)
   assert.equal(reason, '', 'ws, not the reader, refused the frame')
   client.socket.destroy()
+})
+
+// ws waits 30 s for a close frame it will never read; these must end long before (the tests' timeouts).
+test('after a protocol fault the gateway ends the TCP connection at once, and the upstream gets its FIN', { timeout: 8000 }, async (t) => {
+  const { client, received, upstreamEnded } = await bridgedToSink(t)
+  client.socket.write(Buffer.concat([frame(2, 'before;'), frame(3, 'x')]))
+  assert.equal((await closeFrame(client)).code, 1002)
+  await waitFor(() => client.ended && upstreamEnded(), 5000)
+  assert.equal(received().toString(), 'before;')
+})
+
+test("a client's close frame ends the upstream's input at once, while the client's TCP connection stays open", { timeout: 8000 }, async (t) => {
+  const { client, received, upstreamEnded, logs } = await bridgedToSink(t, undefined, undefined, { allowHalfOpen: true })
+  const code = Buffer.alloc(2)
+  code.writeUInt16BE(1000)
+  client.socket.write(Buffer.concat([frame(2, 'last;'), frame(CLOSE, code)]))
+  await waitFor(() => upstreamEnded(), 5000)
+  assert.equal(received().toString(), 'last;')
+  assert.equal(client.socket.destroyed, false, 'the client has not closed its TCP connection')
+  client.socket.destroy()
+  await waitFor(() => logs().length === 1)
+  assert.deepEqual([logs()[0].code, logs()[0].closedBy], [1000, 'client'])
+})
+
+test('a message of more fragments than ws allows (16384) closes with 1008, however empty they are', { timeout: 10000 }, async (t) => {
+  const { client, received } = await bridgedToSink(t)
+  const empty = frame(0, Buffer.alloc(0), { fin: false })
+  client.socket.write(Buffer.concat([frame(2, 'before;'), frame(2, 'x', { fin: false }), ...new Array(17000).fill(empty)]))
+  assert.deepEqual(await closeFrame(client), { code: 1008, reason: 'too many message fragments' })
+  assert.ok(received().toString().startsWith('before;'))
 })

@@ -1,8 +1,9 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import Fastify from 'fastify'
+import Fastify, { type FastifyRequest } from 'fastify'
 import type { FastifyWstunnelOptions } from '../lib/index'
 import wstunnel from '../lib/index'
+import { compileOrigins } from '../lib/origin'
 import { openClient, startEcho, startGateway, type TcpServer } from './helpers'
 
 /** Tries a handshake with the given headers; resolves with 101 or the refusal's status and body. */
@@ -28,7 +29,7 @@ test('origin shapes: exact, list, wildcard subdomain, any port, same-origin, *, 
     {
       origins: 'https://app.example.com',
       allowed: ['https://app.example.com', 'HTTPS://APP.Example.COM', 'https://app.example.com:443'],
-      refused: ['http://app.example.com', 'https://app.example.com:8443', 'https://app.example.com.evil.net', 'https://evil.com']
+      refused: ['http://app.example.com', 'https://app.example.com:8443', 'https://app.example.com.evil.net', 'https://evil.com', 'https://app.example.com\\.evil.net']
     },
     {
       origins: ['http://localhost:8000', 'http://127.0.0.1:8000'],
@@ -78,7 +79,133 @@ test('same-origin compares the Origin with the Host the client connected to', { 
   assert.equal((await handshake(`${gateway.url}/x`, { origin: `http://${host}` })).status, 101)
   assert.equal((await handshake(`${gateway.url}/x`, { origin: `http://${host.replace('127.0.0.1', 'localhost')}` })).status, 403)
   assert.equal((await handshake(`${gateway.url}/x`, { origin: 'http://127.0.0.1:1' })).status, 403)
-  assert.equal((await handshake(`${gateway.url}/x`, { origin: 'http://gateway.test', host: 'gateway.test' })).status, 101)
+  assert.equal((await handshake(`${gateway.url}/x`, { origin: 'http://localhost', host: 'localhost' })).status, 101)
+})
+
+test('same-origin refuses a DNS-rebinding page: a name must be an IP literal, localhost or one of hostnames', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await gatewayWith(echo, { origins: 'same-origin' })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const at = (host: string, origin = `http://${host}`) => handshake(`${gateway.url}/x`, { host, origin })
+  // The rebinding page: evil.example now resolves to the gateway, and the browser sends its own name in both headers.
+  assert.equal((await at('evil.example:8080')).status, 403)
+  assert.equal((await at('gw.example')).status, 403)
+  assert.equal(echo.connections, 0)
+  // Names no DNS answer can move pass with no configuration.
+  for (const host of ['127.0.0.1:8080', '[::1]:8080', 'localhost:8080', 'app.localhost', 'LOCALHOST']) {
+    assert.equal((await at(host)).status, 101, host)
+  }
+  // Never a Host the URL parser would rewrite.
+  assert.equal((await at('0x7f.1', 'http://127.0.0.1')).status, 403)
+  assert.equal((await at('evil.example@127.0.0.1', 'http://127.0.0.1')).status, 403)
+})
+
+test('hostnames: the names same-origin trusts, plugin-wide or per route; bad names fail registration', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({
+    origins: 'same-origin',
+    hostnames: ['gw.example', 'bücher.example'],
+    routes: {
+      '/a': { upstream: echo.address },
+      '/b': { upstream: echo.address, hostnames: ['other.example'] },
+      '/c': { upstream: echo.address, origins: ['null', 'same-origin'] }
+    }
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const at = (path: string, host: string, origin = `http://${host}`) => handshake(`${gateway.url}${path}`, { host, origin })
+  assert.equal((await at('/a', 'gw.example')).status, 101)
+  assert.equal((await at('/a', 'GW.Example:8443', 'http://gw.EXAMPLE:8443')).status, 101)
+  assert.equal((await at('/a', 'xn--bcher-kva.example')).status, 101)
+  assert.equal((await at('/a', 'evil.example')).status, 403)
+  assert.equal((await at('/a', 'gw.example', 'http://gw.example:8080')).status, 403, 'still the same port')
+  assert.equal((await at('/b', 'gw.example')).status, 403, "the route's own list replaces the plugin's")
+  assert.equal((await at('/b', 'other.example')).status, 101)
+  assert.equal((await at('/c', 'gw.example')).status, 101, "a route's own origins use the plugin's list")
+
+  const app = Fastify()
+  const error = await app.register(wstunnel, {
+    hostnames: ['gw.example:8080', 'http://gw.example', 'gw.example\\evil.net', '*.example', ''],
+    routes: { '/a': { upstream: '127.0.0.1:1', hostnames: [] }, '/b': { upstream: '127.0.0.1:1', hostnames: 'gw.example' as never } }
+  }).ready().then(() => null, (err: Error & { code: string }) => err)
+  await app.close()
+  assert.equal(error?.code, 'FST_WSTUNNEL_INVALID_OPTIONS')
+  assert.deepEqual(error.message.split('\n').slice(1).sort(), [
+    'hostnames[0]: "gw.example:8080" is not a host name (no scheme, port, path or wildcard)',
+    'hostnames[1]: "http://gw.example" is not a host name (no scheme, port, path or wildcard)',
+    'hostnames[2]: "gw.example\\\\evil.net" is not a host name (no scheme, port, path or wildcard)',
+    'hostnames[3]: "*.example" is not a host name (no scheme, port, path or wildcard)',
+    'hostnames[4]: "" is not a host name (no scheme, port, path or wildcard)',
+    "routes['/a'].hostnames: must be a non-empty list of host names",
+    "routes['/b'].hostnames: must be a non-empty list of host names"
+  ])
+})
+
+/** Runs a compiled `origins` option against one Origin header, as the route's hook would. */
+function allows (option: FastifyWstunnelOptions['origins'], origin: string, host = 'gw.test'): Promise<boolean> {
+  const problems: string[] = []
+  const matcher = compileOrigins(option!, 'origins', problems, new Set())
+  assert.deepEqual(problems, [])
+  return matcher(origin, { headers: { host } } as unknown as FastifyRequest)
+}
+
+test('origins of schemes the URL parser has no origin for (extensions, app shells) match by scheme, host and port', async () => {
+  const cases: Array<{ origins: FastifyWstunnelOptions['origins'], allowed: string[], refused: string[] }> = [
+    {
+      origins: 'chrome-extension://abcdefghijklmnop',
+      allowed: ['chrome-extension://abcdefghijklmnop', 'chrome-extension://ABCDEFGHIJKLMNOP', 'Chrome-Extension://abcdefghijklmnop'],
+      refused: ['chrome-extension://abcdefghijklmnopq', 'moz-extension://abcdefghijklmnop', 'chrome-extension://abcdefghijklmnop:1', 'https://abcdefghijklmnop']
+    },
+    { origins: 'capacitor://localhost', allowed: ['capacitor://localhost'], refused: ['http://localhost', 'capacitor://localhost:8080', 'capacitor://localhost.evil'] },
+    { origins: 'tauri://LOCALHOST:12', allowed: ['tauri://localhost:12'], refused: ['tauri://localhost', 'tauri://localhost:13'] },
+    { origins: 'moz-extension://0a1b2c3d-4e5f-6789-abcd-ef0123456789', allowed: ['moz-extension://0A1B2C3D-4E5F-6789-ABCD-EF0123456789'], refused: ['moz-extension://0a1b2c3d'] },
+    { origins: 'app://*.example', allowed: ['app://a.example'], refused: ['app://example', 'https://a.example'] },
+    { origins: '*', allowed: ['chrome-extension://abcdefghijklmnop', 'capacitor://localhost'], refused: ['chrome-extension://', 'capacitor:localhost'] },
+    { origins: /^chrome-extension:\/\/[a-p]{16}$/, allowed: ['chrome-extension://abcdefghijklmnop', 'CHROME-EXTENSION://ABCDEFGHIJKLMNOP'], refused: ['chrome-extension://abcdefghijklmnoz'] }
+  ]
+  for (const { origins, allowed, refused } of cases) {
+    for (const origin of allowed) assert.equal(await allows(origins, origin), true, `${String(origins)} should allow ${origin}`)
+    for (const origin of refused) assert.equal(await allows(origins, origin), false, `${String(origins)} should refuse ${origin}`)
+  }
+})
+
+test('an Origin that is not exactly scheme://host[:port], or that the URL parser would rewrite, matches nothing', async () => {
+  const hostile = [
+    'https://a.example.com\\.evil.net', // the URL parser reads the backslash as a path: a.example.com
+    'https://a.example.com\\@evil.net',
+    'https://a.exa\tmple.com', // tabs and newlines are stripped
+    'https://user@a.example.com',
+    'https://a.example.com@evil.net',
+    'https://a.example.com/',
+    'https://a.example.com/path',
+    'https://a.example.com?x',
+    'https://a.example.com#x',
+    'https://a.example.com:',
+    'https://%61.example.com', // percent-decoded to a.example.com
+    'https://a\u00ad.example.com', // a soft hyphen, dropped by IDNA mapping
+    'https://\u00aa.example.com', // 'ª', mapped to 'a'
+    'https://a.example.com ',
+    ' https://a.example.com'
+  ]
+  for (const origin of hostile) {
+    for (const option of ['https://a.example.com', 'https://*.example.com', '*', /example/] as const) {
+      assert.equal(await allows(option, origin), false, `${String(option)} should refuse ${JSON.stringify(origin)}`)
+    }
+  }
+  // Dotted IPv4 is the only form a browser sends; the URL parser reads all these as 127.0.0.1.
+  for (const origin of ['http://0x7f.1', 'http://127.1', 'http://2130706433', 'http://0177.0.0.1', 'http://127.0.0.01']) {
+    assert.equal(await allows(['http://127.0.0.1', '*'], origin), false, origin)
+  }
+  // What a browser sends, and the harmless variants of it, still match.
+  for (const origin of ['https://a.example.com', 'HTTPS://A.Example.COM', 'https://a.example.com:443']) {
+    assert.equal(await allows('https://a.example.com', origin), true, origin)
+  }
+  assert.equal(await allows('http://127.0.0.1', 'http://127.0.0.1'), true)
+  // The same holes are closed in patterns: a backslash or percent-encoding is refused at registration.
+  for (const pattern of ['https://a.example.com\\.evil.net', 'https://%61.example.com']) {
+    const problems: string[] = []
+    compileOrigins(pattern, 'origins', problems, new Set())
+    assert.match(problems.join(), /is not an origin pattern/, pattern)
+  }
 })
 
 test("mod_websocket's localhost-vs-127.0.0.1 case: one list admits both", { timeout: 10000 }, async (t) => {

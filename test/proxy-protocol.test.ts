@@ -2,7 +2,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import type { Socket } from 'node:net'
 import { V1ProxyProtocol, V2ProxyProtocol } from 'proxy-protocol-js'
-import { TLV } from '../lib/proxy-protocol'
+import { proxyHeader, TLV } from '../lib/proxy-protocol'
 import { openClient, readBytes, startGateway, startTcp, waitFor, type Client, type Gateway, type TcpServer } from './helpers'
 
 /** An upstream that keeps everything each connection sends. */
@@ -120,4 +120,57 @@ test('behind a trusted proxy, the PROXY header names the forwarded client, not t
   const line = (await readBytes(await next, 20)).toString()
   assert.match(line, /^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ \d+\r\n/)
   spoofing.close()
+})
+
+test('PROXY v2 leaves out a TLV that would take the header past 65535 bytes, and never throws', () => {
+  const base = { sourceAddress: '192.0.2.1', sourcePort: 5000, destinationAddress: '192.0.2.2', destinationPort: 80 }
+  const huge = 'h'.repeat(70000)
+  // One value too long for any TLV; the others still go.
+  let header = proxyHeader('v2', { ...base, authority: huge, subprotocol: 'mqtt', path: '/x', origin: 'https://a.example' })
+  assert.equal(header.length, 16 + header.readUInt16BE(14))
+  assert.deepEqual(tlvs(header, 12), new Map([[TLV.SUBPROTOCOL, 'mqtt'], [TLV.PATH, '/x'], [TLV.ORIGIN, 'https://a.example']]))
+  // Values that fit one by one but not together: those that fit, in order, and never a cut one.
+  const path = '/' + 'p'.repeat(40000)
+  header = proxyHeader('v2', { ...base, authority: 'a'.repeat(30000), path, origin: 'o'.repeat(30000) })
+  assert.ok(header.readUInt16BE(14) <= 0xffff)
+  assert.deepEqual([...tlvs(header, 12).entries()].map(([type, value]) => [type, value.length]), [[TLV.AUTHORITY, 30000], [TLV.ORIGIN, 30000]])
+  header = proxyHeader('v2', { ...base, authority: 'gw.example', path })
+  assert.deepEqual(tlvs(header, 12), new Map([[TLV.AUTHORITY, 'gw.example'], [TLV.PATH, path]]))
+  // The largest TLV that fits exactly: 12 address bytes + 3 + 65520 = 65535.
+  header = proxyHeader('v2', { ...base, path: 'x'.repeat(65520) })
+  assert.equal(header.readUInt16BE(14), 65535)
+  assert.equal(tlvs(header, 12).get(TLV.PATH)?.length, 65520)
+  header = proxyHeader('v2', { ...base, path: 'x'.repeat(65521) })
+  assert.equal(header.readUInt16BE(14), 12)
+  // A cut would split a UTF-8 character; nothing is cut.
+  header = proxyHeader('v2', { sourceAddress: '::1', sourcePort: 1, destinationAddress: '::1', destinationPort: 2, path: '/' + 'é'.repeat(40000) })
+  assert.equal(header.readUInt16BE(14), 36)
+  assert.doesNotThrow(() => V2ProxyProtocol.parse(new Uint8Array(header)))
+})
+
+test('a handshake with a path too long for a PROXY v2 TLV is bridged, the path left out of the header', { timeout: 10000 }, async (t) => {
+  const upstream = await recordingUpstream()
+  const gateway = await startGateway({ routes: { '/x': { upstream: upstream.address, proxyProtocol: 'v2' } } }, undefined, { fastify: { http: { maxHeaderSize: 200000 } } })
+  t.after(async () => { await gateway.app.close(); await upstream.close() })
+  const ws = await openClient(`${gateway.url}/x?q=${'q'.repeat(70000)}`)
+  ws.send('after')
+  await waitFor(() => upstream.received().toString('latin1').endsWith('after'))
+  const bytes = upstream.received()
+  const header = bytes.subarray(0, 16 + bytes.readUInt16BE(14))
+  assert.equal(bytes.subarray(header.length).toString(), 'after')
+  assert.deepEqual([...tlvs(header, 12).keys()], [TLV.AUTHORITY])
+  ws.close()
+})
+
+test('PROXY v1 and v2 drop an IPv6 zone id: the upstream gets the plain address', () => {
+  const info = { sourceAddress: 'fe80::1%eth0', sourcePort: 5000, destinationAddress: 'fe80::a:2%25', destinationPort: 443 }
+  const line = proxyHeader('v1', info).toString()
+  assert.equal(line, 'PROXY TCP6 fe80::1 fe80::a:2 5000 443\r\n')
+  assert.equal(V1ProxyProtocol.parse(line).source.ipAddress, 'fe80::1')
+  const header = proxyHeader('v2', info)
+  assert.equal(header[13], 0x21, 'TCP over IPv6')
+  assert.deepEqual([...header.subarray(16, 32)], [0xfe, 0x80, ...new Array(13).fill(0), 1])
+  assert.deepEqual([...header.subarray(32, 48)], [0xfe, 0x80, ...new Array(11).fill(0), 0x0a, 0, 2])
+  // An IPv4-mapped address with a zone is IPv4 once the zone is gone.
+  assert.equal(proxyHeader('v1', { ...info, sourceAddress: '::ffff:192.0.2.1%eth0', destinationAddress: '192.0.2.2' }).toString(), 'PROXY TCP4 192.0.2.1 192.0.2.2 5000 443\r\n')
 })

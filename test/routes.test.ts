@@ -3,6 +3,7 @@ import assert from 'node:assert/strict'
 import Fastify, { type FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import wstunnel from '../lib/index'
+import { resolveOptions } from '../lib/options'
 import { closed, openClient, receiveBytes, startEcho, startGateway, waitFor } from './helpers'
 
 function openConnections (app: FastifyInstance): Promise<number> {
@@ -61,7 +62,7 @@ test('options are plain JSON: they survive a JSON round trip and defaults come f
   ws.close()
 })
 
-test('undeclared paths get the normal 404, and a plain GET to a route does not touch the upstream', { timeout: 10000 }, async (t) => {
+test('undeclared paths get the normal 404, and a plain GET to a route gets 426 without touching the upstream', { timeout: 10000 }, async (t) => {
   const echo = await startEcho()
   const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } })
   t.after(async () => { await gateway.app.close(); await echo.close() })
@@ -69,7 +70,9 @@ test('undeclared paths get the normal 404, and a plain GET to a route does not t
   const missing = await openClient(`${gateway.url}/nowhere`).then(() => null, (err: { statusCode: number }) => err)
   assert.equal(missing?.statusCode, 404)
   const plain = await gateway.app.inject({ method: 'GET', url: '/echo' })
-  assert.equal(plain.statusCode, 404)
+  assert.equal(plain.statusCode, 426)
+  assert.equal(plain.headers.upgrade, 'websocket')
+  assert.equal(plain.json().code, 'FST_WSTUNNEL_UPGRADE_REQUIRED')
   assert.equal(echo.connections, 0)
 })
 
@@ -144,4 +147,79 @@ test('one log line when a bridge opens and one when it closes, none per message'
   // Between the last message and the close, only the close summary was logged.
   assert.equal(gateway.logs.lines.length - before, 1)
   assert.ok(gateway.logs.lines.length < 10, `${gateway.logs.lines.length} log lines for 100 messages`)
+})
+
+test('an option set to undefined is an option left out: the default or the plugin-wide value applies', () => {
+  const upstream = '127.0.0.1:1'
+  const plain = resolveOptions({ origins: 'http://a.test', routes: { '/a': { upstream } } })
+  const unset = resolveOptions({
+    closeTimeout: undefined,
+    pingInterval: undefined,
+    maxPayload: undefined,
+    hostnames: undefined,
+    proxyProtocol: undefined,
+    origins: 'http://a.test',
+    routes: { '/a': { upstream, closeTimeout: undefined, pingInterval: undefined, maxPayload: undefined, origins: undefined, frame: undefined, subprotocols: undefined } }
+  })
+  const [route] = unset.routes
+  assert.equal(route.closeTimeout, 2000)
+  assert.equal(route.pingInterval, 30000)
+  assert.equal(route.maxPayload, 0)
+  assert.equal(route.frame, 'binary')
+  assert.deepEqual(route.subprotocols, [])
+  assert.notEqual(route.origins, null, 'the plugin-wide origins apply')
+  assert.equal(unset.maxPayload, 0)
+  const { origins: _a, ...settings } = route
+  const { origins: _b, ...expected } = plain.routes[0]
+  assert.deepEqual(settings, expected)
+
+  // Other wrong values still fail, naming the option.
+  assert.throws(() => resolveOptions({ closeTimeout: null, maxPayload: '1024', hostnames: null, origins: null, routes: { '/a': { upstream, pingInterval: null } } }), (err: Error) => {
+    assert.deepEqual(err.message.split('\n').slice(1).sort(), [
+      'closeTimeout: must be an integer from 0 to 2147483647',
+      'hostnames: must be a non-empty list of host names',
+      'maxPayload: must be an integer from 0 to 9007199254740991',
+      'origins: must be an origin string, a RegExp or a function',
+      "routes['/a'].pingInterval: must be an integer from 0 to 2147483647"
+    ])
+    return true
+  })
+})
+
+test('a gateway registered with undefined settings bridges and closes as with none', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({
+    closeTimeout: undefined,
+    pingInterval: undefined,
+    maxPayload: undefined,
+    origins: undefined,
+    routes: { '/echo': { upstream: echo.address, closeTimeout: undefined, idleTimeout: undefined, maxPayload: undefined } }
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const ws = await openClient(`${gateway.url}/echo`)
+  const reply = receiveBytes(ws, 2)
+  ws.send('ok')
+  assert.equal((await reply).toString(), 'ok')
+  ws.close(1000)
+  await waitFor(() => gateway.logs.find('wstunnel bridge closed').length === 1)
+  assert.equal(gateway.logs.find('wstunnel bridge closed')[0].code, 1000)
+  assert.equal(gateway.app.wstunnel.connections, 0)
+})
+
+test('maxPayload is a route setting, off (0) by default, the top level setting it for every route', () => {
+  const upstream = '127.0.0.1:1'
+  const byDefault = resolveOptions({ routes: { '/a': { upstream } } })
+  assert.equal(byDefault.maxPayload, 0)
+  assert.equal(byDefault.routes[0].maxPayload, 0)
+  const set = resolveOptions({ maxPayload: 4096, routes: { '/a': { upstream }, '/b': { upstream, maxPayload: 0 }, '/c': { upstream, maxPayload: Number.MAX_SAFE_INTEGER } } })
+  assert.equal(set.maxPayload, 4096)
+  assert.deepEqual(set.routes.map(route => route.maxPayload), [4096, 0, Number.MAX_SAFE_INTEGER])
+  assert.throws(() => resolveOptions({ maxPayload: 2 ** 53, routes: { '/a': { upstream, maxPayload: -1 }, '/b': { upstream, maxPayload: 1.5 } } }), (err: Error) => {
+    assert.deepEqual(err.message.split('\n').slice(1).sort(), [
+      'maxPayload: must be an integer from 0 to 9007199254740991',
+      "routes['/a'].maxPayload: must be an integer from 0 to 9007199254740991",
+      "routes['/b'].maxPayload: must be an integer from 0 to 9007199254740991"
+    ])
+    return true
+  })
 })

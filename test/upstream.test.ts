@@ -143,11 +143,11 @@ test('bytes an upstream sends before a bridge adopts it are kept, and come first
     setTimeout(() => socket.write('banner 2\n'), 20)
   })
   t.after(() => server.close())
-  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000)
+  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, new AbortController().signal)
   t.after(() => upstream.destroy())
   await new Promise(resolve => setTimeout(resolve, 100)) // both banners reach the gateway before anyone reads
   const received: string[] = []
-  readUpstream(upstream, chunk => { received.push(chunk.toString()); return true })
+  readUpstream(upstream, (buffer, length) => { received.push(buffer.toString('latin1', 0, length)); return true })
   server.sockets.values().next().value?.write('after\n')
   await waitFor(() => received.join('') === 'banner 1\nbanner 2\nafter\n')
 })

@@ -1,0 +1,39 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import { startGateway, startTcp, waitFor } from './helpers'
+import { PING, PONG, frame, openRaw } from './raw-client'
+
+setFlagsFromString('--expose-gc')
+const gc = runInNewContext('gc') as () => void
+const MB = 1024 * 1024
+
+test('a text message held open across reads keeps none of those reads alive', { timeout: 20000 }, async (t) => {
+  let received = 0
+  const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => { received += chunk.length }))
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+  const upstream = sink.nextSocket()
+  const client = await openRaw(`${gateway.url}/sink`)
+  await upstream
+
+  // Each write is one byte of a text message that stays open, then ~62 KB of pongs (which ws ignores): each
+  // of the gateway's reads carries a tiny payload in a large read.
+  const padding = Buffer.concat(new Array(480).fill(frame(PONG, Buffer.alloc(125))))
+  client.socket.write(frame(1, 'a', { fin: false }))
+  gc()
+  const before = process.memoryUsage().arrayBuffers
+  for (let i = 0; i < 300; i++) {
+    client.socket.write(Buffer.concat([frame(0, 'b', { fin: false }), padding]))
+    await new Promise(resolve => setTimeout(resolve, 2))
+  }
+  // ws answers a ping only once it has read everything before it.
+  client.socket.write(frame(PING, 'done'))
+  await waitFor(() => client.frames.some(f => f.opcode === PONG), 10000)
+  gc()
+  const grown = process.memoryUsage().arrayBuffers - before
+  t.diagnostic(`memory held after 300 reads of ~64 KB: ${(grown / MB).toFixed(2)} MB`)
+  assert.ok(grown < 4 * MB, `${(grown / MB).toFixed(1)} MB held for 301 bytes of an open text message`)
+  await waitFor(() => received === 301)
+})
