@@ -3,6 +3,7 @@
 // fastify-wstunnel under test, in a process of its own (started with --expose-gc).
 // argv[2] is the upstream ports as JSON; the listening port goes to the parent over IPC.
 // 'gc' makes it collect garbage and answer with its memory usage.
+const { dirname, join } = require('node:path')
 const Fastify = require('fastify')
 // argv[3], if given, is another checkout to load the plugin from (BENCH_COMPARE).
 const wstunnel = require(process.argv[3] ?? '..')
@@ -18,6 +19,11 @@ async function main () {
       '/sink': { upstream: `127.0.0.1:${ports.sink}` }
     }
   })
+  // BENCH_INTERNALS_OFF=clientOnread,wsFrames,releaseRequest measures what each private internal is worth.
+  if (process.env.BENCH_INTERNALS_OFF) {
+    const { internals } = require(join(dirname(require.resolve(process.argv[3] ?? '..')), 'private-internals'))
+    for (const name of process.env.BENCH_INTERNALS_OFF.split(',')) internals[name] = false
+  }
   await app.listen({ port: 0, host: '127.0.0.1', backlog: 4096 })
   process.on('message', message => {
     if (message === 'gc') {

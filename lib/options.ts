@@ -4,9 +4,6 @@ import { Settings } from 'typebox/system'
 import { InvalidOptionsError } from './errors'
 import { compileHostnames, compileOrigins, PATTERN_HELP, type OriginMatcher, type OriginsOption } from './origin'
 
-// Every problem is reported, not only the first eight.
-Settings.Set({ maxErrors: 1000 })
-
 const PORT = '([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])'
 
 const UpstreamString = Type.String({
@@ -122,7 +119,7 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     given.routes = Object.fromEntries(Object.entries(given.routes).map(([path, route]) => [path, isObject(route) ? definedOnly(route) : route]))
   }
   const options = { ...defaultSettings, ...given } as Static<typeof OptionsSchema>
-  const problems = check.Check(options) ? [] : describeErrors(OptionsSchema, [...check.Errors(options)])
+  const problems = check.Check(options) ? [] : describeErrors(OptionsSchema, allErrors(options))
   // Checks the schema cannot express; each is safe on any input, so every problem is reported at once.
   const defaultHostnames = compileHostnames(options.hostnames, 'hostnames', problems)
   if (options.origins !== undefined) compileOrigins(options.origins, 'origins', problems, defaultHostnames) // reported once, even with no routes
@@ -158,6 +155,17 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     }
   })
   return { maxPayload: options.maxPayload, routes }
+}
+
+/** Every problem, not only TypeBox's first eight; its process-wide setting is put back for the host app. */
+function allErrors (options: unknown): SchemaError[] {
+  const { maxErrors } = Settings.Get()
+  Settings.Set({ maxErrors: 1000 })
+  try {
+    return [...check.Errors(options)]
+  } finally {
+    Settings.Set({ maxErrors })
+  }
 }
 
 function isObject (value: unknown): value is Record<string, unknown> {

@@ -122,8 +122,9 @@ export function compileHostnames (names: unknown, at: string, problems: string[]
   const compiled = new Set<string>()
   if (!Array.isArray(names)) return compiled // the schema reports it
   names.forEach((name: unknown, index) => {
-    // domainToASCII would cut 'gw.example\\x' at the backslash, so such characters are refused first.
-    const host = typeof name === 'string' && HOSTNAME.test(name) ? domainToASCII(name) : ''
+    if (typeof name !== 'string') return // the schema reports it
+    // domainToASCII would cut 'gw.example\evil.net' at the backslash, so such characters are refused first.
+    const host = HOSTNAME.test(name) ? domainToASCII(name) : ''
     if (host === '') problems.push(`${at}[${index}]: ${JSON.stringify(name)} is not a host name (no scheme, port, path or wildcard)`)
     else compiled.add(host)
   })
@@ -133,6 +134,8 @@ export function compileHostnames (names: unknown, at: string, problems: string[]
 /** True if the origin names the same host and port as the request's Host header, and that host is one a
  *  DNS-rebinding page cannot claim: an IP literal, localhost, or one of `hostnames`. */
 function isSameOrigin (origin: ParsedOrigin, host: string | undefined, hostnames: ReadonlySet<string>): boolean {
+  // Only a web page can share this gateway's origin; Host carries no scheme to tell 'capacitor://localhost' apart.
+  if (origin.scheme !== 'http:' && origin.scheme !== 'https:') return false
   const match = host === undefined ? null : HOST_HEADER.exec(host)
   if (match === null) return false
   const hostname = canonicalHost(match[1])
@@ -140,8 +143,8 @@ function isSameOrigin (origin: ParsedOrigin, host: string | undefined, hostnames
   return hostname === origin.hostname && port === origin.port && isKnownHost(hostname, hostnames)
 }
 
-/** An IP literal is what the client connected to; browsers resolve localhost and *.localhost to loopback
- *  themselves; any other name may resolve wherever its owner likes, so it must be listed. */
+/** An IP literal is what the client connected to; localhost and *.localhost are loopback's alone (RFC 6761);
+ *  any other name may resolve wherever its owner likes, so it must be listed. */
 function isKnownHost (hostname: string, hostnames: ReadonlySet<string>): boolean {
   return hostname.startsWith('[') || isIPv4(hostname) || hostname === 'localhost' || hostname.endsWith('.localhost') ||
     hostnames.has(hostname)

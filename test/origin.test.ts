@@ -95,7 +95,8 @@ test('same-origin refuses a DNS-rebinding page: a name must be an IP literal, lo
   for (const host of ['127.0.0.1:8080', '[::1]:8080', 'localhost:8080', 'app.localhost', 'LOCALHOST']) {
     assert.equal((await at(host)).status, 101, host)
   }
-  // Never a Host the URL parser would rewrite.
+  // Never an app or extension origin, nor a Host the URL parser would rewrite.
+  assert.equal((await at('localhost', 'capacitor://localhost')).status, 403)
   assert.equal((await at('0x7f.1', 'http://127.0.0.1')).status, 403)
   assert.equal((await at('evil.example@127.0.0.1', 'http://127.0.0.1')).status, 403)
 })

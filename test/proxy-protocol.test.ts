@@ -1,6 +1,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
+import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
+import type { FastifyHttpOptions } from 'fastify'
 import { V1ProxyProtocol, V2ProxyProtocol } from 'proxy-protocol-js'
 import { proxyHeader, TLV } from '../lib/proxy-protocol'
 import { openClient, readBytes, startGateway, startTcp, waitFor, type Client, type Gateway, type TcpServer } from './helpers'
@@ -150,7 +152,8 @@ test('PROXY v2 leaves out a TLV that would take the header past 65535 bytes, and
 
 test('a handshake with a path too long for a PROXY v2 TLV is bridged, the path left out of the header', { timeout: 10000 }, async (t) => {
   const upstream = await recordingUpstream()
-  const gateway = await startGateway({ routes: { '/x': { upstream: upstream.address, proxyProtocol: 'v2' } } }, undefined, { fastify: { http: { maxHeaderSize: 200000 } } })
+  const fastify: FastifyHttpOptions<Server> = { http: { maxHeaderSize: 200000 } } // room for the long path
+  const gateway = await startGateway({ routes: { '/x': { upstream: upstream.address, proxyProtocol: 'v2' } } }, undefined, { fastify })
   t.after(async () => { await gateway.app.close(); await upstream.close() })
   const ws = await openClient(`${gateway.url}/x?q=${'q'.repeat(70000)}`)
   ws.send('after')

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict'
 import Fastify, { type FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import wstunnel from '../lib/index'
+import { Settings } from 'typebox/system'
 import { resolveOptions } from '../lib/options'
 import { closed, openClient, receiveBytes, startEcho, startGateway, waitFor } from './helpers'
 
@@ -222,4 +223,12 @@ test('maxPayload is a route setting, off (0) by default, the top level setting i
     ])
     return true
   })
+})
+
+test("every problem is reported, and TypeBox's process-wide settings are left as the app had them", () => {
+  Settings.Reset() // TypeBox's own defaults, as an app that never touched them has
+  const before = Settings.Get().maxErrors
+  const routes = Object.fromEntries(Array.from({ length: 12 }, (_, i) => [`/r${i}`, { upstream: 'nowhere' }]))
+  assert.throws(() => resolveOptions({ routes }), (err: Error) => err.message.split('\n').length > 12)
+  assert.equal(Settings.Get().maxErrors, before)
 })
