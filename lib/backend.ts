@@ -72,10 +72,21 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
       raw[kPending] = undefined
       const client = request.raw.socket as Socket | undefined
       client?.removeListener('close', pending.onClientGone)
+      try {
+        adopt(ws, request, pending, client)
+      } catch (err) {
+        request.log.error({ err, route: route.path }, 'wstunnel bridge failed to open')
+        pending.upstream.destroy()
+        ws.terminate()
+      }
+    }
+
+    function adopt (ws: WebSocket, request: FastifyRequest, pending: Pending, client: Socket | undefined): void {
       const { upstream } = pending
-      // Bridges are tracked by the plugin, which closes them with 1001 on shutdown; left in ws's own set,
-      // an earlier-registered @fastify/websocket preClose would close them first, with no status (1005).
-      fastify.websocketServer.clients.delete(ws)
+      // Bridges are tracked by the plugin, which closes them with 1001 on shutdown; left in ws's own set
+      // (there is none with clientTracking off), an earlier-registered @fastify/websocket preClose would close
+      // them first, with no status (1005).
+      fastify.websocketServer.clients?.delete(ws)
       if (upstream.destroyed) { // reset while the upgrade completed
         request.log.info({ route: route.path, upstream: pending.target.label }, 'wstunnel upstream closed before the bridge opened')
         ws.close(1011, 'upstream closed')
@@ -98,15 +109,7 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
         preambleLength: pending.preambleLength,
         limits: { maxPayload: route.maxPayload, maxFragments: fastify.websocketServer.options.maxFragments ?? 0 }
       }
-      let opened: Bridge
-      try {
-        opened = new Bridge(ws, upstream, context)
-      } catch (err) {
-        log.error({ err, route: route.path }, 'wstunnel bridge failed to open')
-        upstream.destroy()
-        ws.terminate()
-        return
-      }
+      const opened = new Bridge(ws, upstream, context)
       log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
       if (state.closing) opened.shutdown() // upgraded after the plugin's preClose
     }

@@ -258,16 +258,23 @@ export class ClientFrameReader {
       if (!this.checkText(false)) return false
       ready = this.textStart
     }
-    if (ready > this.handed) this.target.clientData(this.out.subarray(this.handed, ready))
-    this.handed = ready
+    if (ready > this.handed) this.handOn(ready)
     return true
+  }
+
+  /** Hands on out[handed, end). A piece under half of `out` (a read of tiny frames) goes as a copy, so that
+   *  what waits for the upstream never keeps more than twice its size alive. */
+  private handOn (end: number): void {
+    const bytes = this.out.subarray(this.handed, end)
+    this.target.clientData(bytes.length * 2 < this.out.length ? Buffer.from(bytes) : bytes)
+    this.handed = end
   }
 
   /** Hands on the messages before the bad frame (but no unchecked text), stops reading, tells the target. */
   private fault (code: number, reason: string): number {
     const ready = this.message === TEXT ? this.textStart : this.used
-    if (ready > this.handed) this.target.clientData(this.out.subarray(this.handed, ready))
-    this.handed = this.used = ready
+    if (ready > this.handed) this.handOn(ready)
+    this.used = ready
     this.done = true
     this.textTail = null
     this.target.clientFault(code, reason)

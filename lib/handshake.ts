@@ -16,6 +16,10 @@ export const checkHandshake: onRequestHookHandler = function checkHandshake (req
   let problem: string | null = null
   if (request.method !== 'GET') {
     problem = 'the method must be GET'
+  } else if (!/^(1\.[1-9]|[2-9]\.\d)$/.test(request.raw.httpVersion)) {
+    problem = 'the request must be HTTP/1.1 or later'
+  } else if (headers.host === undefined && request.raw.socket !== undefined) { // injectWS has neither
+    problem = 'the Host header is required'
   } else if (headers.upgrade?.toLowerCase() !== 'websocket') {
     problem = 'the Upgrade header must be "websocket"'
   } else if (headers['sec-websocket-key'] === undefined || !KEY.test(headers['sec-websocket-key'])) {

@@ -1,4 +1,6 @@
 import type { IncomingMessage } from 'node:http'
+import type { Socket } from 'node:net'
+import { setMaxListeners } from 'node:events'
 import type { FastifyInstance, FastifyPluginAsync } from 'fastify'
 import fp from 'fastify-plugin'
 import websocket from '@fastify/websocket'
@@ -25,6 +27,7 @@ declare module 'fastify' {
 async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWstunnelOptions): Promise<void> {
   const options = resolveOptions(rawOptions)
   const state: BackendState = { bridges: new Set(), closing: false, connecting: new AbortController() }
+  setMaxListeners(0, state.connecting.signal) // one listener per upstream connect in progress
   const { bridges } = state
   await probeInternals()
 
@@ -63,8 +66,14 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     done(null, payload)
   })
   fastify.addHook('onResponse', (request, _reply, done) => {
-    if (isUpgradeRequest(request.raw)) request.raw.socket.destroy()
+    if (isUpgradeRequest(request.raw)) request.raw.socket?.destroy() // none under injectWS
     done()
+  })
+  // Fastify answers some requests before any hook runs (a malformed URL: 400; a server closing: 503), and
+  // does so while routing, synchronously. Node no longer reads an upgrade's socket, so not even the client
+  // leaving would free it: once such an answer is written, the socket is closed.
+  fastify.server.on('upgrade', (_request: IncomingMessage, socket: Socket) => {
+    if (socket.bytesWritten > 0 && !socket.writableEnded) socket.end(() => { socket.destroy() })
   })
   // Handshakes still in progress are answered 503 and their upstream connects aborted; one that upgrades
   // after this is closed with 1001 at once; every client has closeTimeout to answer its 1001.
@@ -78,14 +87,14 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   await fastify.register(backend, { routes: options.routes, state })
 }
 
-/** ws assembles messages only where the bridge cannot read the frames itself (private-internals.ts says
- *  when); there a message is bounded by the largest route maxPayload, or by ws's own default of 100 MiB
- *  where a route has none, and each route's own limit is checked on the whole message. ws keeps the limit
- *  in 32 bits. */
+/** Where ws assembles messages (a connection whose frames the bridge cannot read itself: private-internals.ts
+ *  says when), the memory they take is bounded: by the largest route maxPayload, and by 16 MiB where a route
+ *  sets none. Each route's own limit is then checked on the whole message. ws keeps the limit in 32 bits. */
 function assembledLimit (routes: Array<{ maxPayload: number }>): number {
-  const limit = routes.some(route => route.maxPayload === 0) ? 100 * 1024 * 1024 : Math.max(...routes.map(route => route.maxPayload))
-  return Math.min(limit, 2 ** 31 - 1)
+  const limits = routes.map(route => route.maxPayload === 0 ? ASSEMBLED_DEFAULT : route.maxPayload)
+  return Math.min(Math.max(...limits), 2 ** 31 - 1)
 }
+const ASSEMBLED_DEFAULT = 16 * 1024 * 1024
 
 function isUpgradeRequest (request: IncomingMessage): boolean {
   return request.headers.upgrade !== undefined && /\bupgrade\b/i.test(request.headers.connection ?? '')

@@ -110,3 +110,18 @@ test('app.injectWS() on a bridged route: a message goes to the upstream and come
   await waitFor(() => gateway.app.wstunnel.connections === 0 && echo.sockets.size === 0)
   await waitFor(() => gateway.logs.find('wstunnel bridge closed').length === 1)
 })
+
+test('with ws clientTracking off (an app that registered @fastify/websocket so), bridges open and leak nothing', { timeout: 10000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/echo': { upstream: echo.address } } }, async (app) => {
+    await app.register(websocket, { options: { clientTracking: false } })
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const ws = new WebSocket(`${gateway.url}/echo`)
+  await once(ws, 'open')
+  ws.send('ping')
+  const [data] = await once(ws, 'message') as [Buffer]
+  assert.equal(data.toString(), 'ping')
+  ws.close()
+  await waitFor(() => gateway.app.wstunnel.connections === 0 && echo.sockets.size === 0)
+})

@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import { startGateway, startTcp, waitFor, type Gateway, type TcpServer } from './helpers'
+import { frame } from './raw-client'
 
 // A request to a bridged route that is not a valid WebSocket opening handshake (RFC 6455 section 4.2.1) is
 // answered over HTTP before any upstream is touched. These tests write raw HTTP over a TCP socket, so they
@@ -26,12 +27,12 @@ function validHeaders (host: string): Headers {
 }
 
 /** Sends one request over a new TCP connection and resolves with the response (the socket stays open). */
-async function rawRequest (gateway: Gateway, method: string, path: string, overrides: Headers): Promise<RawResponse> {
+async function rawRequest (gateway: Gateway, method: string, path: string, overrides: Headers, version = '1.1'): Promise<RawResponse> {
   const { hostname, port } = new URL(gateway.url)
   const headers = { ...validHeaders(`${hostname}:${port}`), ...overrides }
   const socket = connect(Number(port), hostname)
   await once(socket, 'connect')
-  let request = `${method} ${path} HTTP/1.1\r\n`
+  let request = `${method} ${path} HTTP/${version}\r\n`
   for (const [name, value] of Object.entries(headers)) if (value !== undefined) request += `${name}: ${value}\r\n`
   socket.write(request + '\r\n')
   return await new Promise((resolve, reject) => {
@@ -69,14 +70,6 @@ function errorCode (body: string): unknown {
   }
 }
 
-/** One masked client frame. */
-function frame (opcode: number, payload: string): Buffer {
-  const data = Buffer.from(payload)
-  const key = randomBytes(4)
-  const body = Buffer.from(data.map((byte, i) => byte ^ key[i & 3]))
-  return Buffer.concat([Buffer.from([0x80 | opcode, 0x80 | data.length]), key, body])
-}
-
 /** A gateway whose route sends a PROXY v1 header, in front of an upstream that keeps what it receives. */
 async function gatewayWithProxyProtocol (t: TestContext): Promise<{ gateway: Gateway, upstream: TcpServer, received: () => string }> {
   const chunks: Buffer[] = []
@@ -92,6 +85,7 @@ async function gatewayWithProxyProtocol (t: TestContext): Promise<{ gateway: Gat
 interface Refusal {
   name: string
   method?: string
+  version?: string
   headers: Headers
   status: number | null // null: anything but 101
   code?: string
@@ -106,6 +100,8 @@ const refusals: Refusal[] = [
   { name: 'a handshake without Sec-WebSocket-Version', headers: { 'Sec-WebSocket-Version': undefined }, status: 426, code: 'FST_WSTUNNEL_UPGRADE_REQUIRED', header: ['sec-websocket-version', '13'] },
   { name: 'Upgrade: foo with Connection: Upgrade', headers: { Upgrade: 'foo' }, status: 400, code: 'FST_WSTUNNEL_BAD_HANDSHAKE' },
   { name: 'a HEAD with the upgrade headers', method: 'HEAD', headers: {}, status: null },
+  { name: 'an HTTP/1.0 upgrade', version: '1.0', headers: {}, status: 400, code: 'FST_WSTUNNEL_BAD_HANDSHAKE' },
+  { name: 'a handshake without Host', headers: { Host: undefined }, status: 400, code: 'FST_WSTUNNEL_BAD_HANDSHAKE' },
   {
     name: 'a plain GET with no Upgrade',
     headers: { Upgrade: undefined, Connection: undefined, 'Sec-WebSocket-Key': undefined, 'Sec-WebSocket-Version': undefined },
@@ -118,7 +114,7 @@ const refusals: Refusal[] = [
 for (const refusal of refusals) {
   test(`${refusal.name} is refused (${refusal.status ?? 'not 101'}) before any upstream connection or PROXY header`, { timeout: 10000 }, async (t) => {
     const { gateway, upstream, received } = await gatewayWithProxyProtocol(t)
-    const response = await rawRequest(gateway, refusal.method ?? 'GET', '/tunnel', refusal.headers)
+    const response = await rawRequest(gateway, refusal.method ?? 'GET', '/tunnel', refusal.headers, refusal.version)
     t.after(() => { response.socket.destroy() })
     if (refusal.status === null) {
       assert.notEqual(response.status, 101)
@@ -138,7 +134,7 @@ for (const refusal of refusals) {
 test('after every refused handshake, a valid one is bridged: the upstream\'s only connection, the PROXY header first', { timeout: 10000 }, async (t) => {
   const { gateway, upstream, received } = await gatewayWithProxyProtocol(t)
   for (const refusal of refusals) {
-    const response = await rawRequest(gateway, refusal.method ?? 'GET', '/tunnel', refusal.headers)
+    const response = await rawRequest(gateway, refusal.method ?? 'GET', '/tunnel', refusal.headers, refusal.version)
     response.socket.destroy()
     assert.notEqual(response.status, 101, refusal.name)
   }
@@ -157,4 +153,14 @@ test('after every refused handshake, a valid one is bridged: the upstream\'s onl
   await waitFor(() => fromGateway.length >= 2 + 'welcome'.length)
   assert.deepEqual([fromGateway[0], fromGateway[1], fromGateway.subarray(2).toString()], [0x82, 'welcome'.length, 'welcome'])
   response.socket.destroy() // now, not after the gateway's close, which would wait closeTimeout for its answer
+})
+
+test('an upgrade Fastify answers before any hook runs (a malformed URL: 400) has its socket closed by the gateway', { timeout: 10000 }, async (t) => {
+  const { gateway, upstream } = await gatewayWithProxyProtocol(t)
+  const response = await rawRequest(gateway, 'GET', '/tunnel%zz', {})
+  t.after(() => { response.socket.destroy() })
+  assert.equal(response.status, 400)
+  // Node no longer reads such a socket: without the gateway closing it, it would stay open for good.
+  await new Promise(resolve => { response.socket.once('end', resolve) })
+  assert.equal(upstream.connections, 0)
 })

@@ -4,6 +4,7 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { startGateway, startTcp, waitFor } from './helpers'
 import { PING, PONG, frame, openRaw } from './raw-client'
+import { ClientFrameReader } from '../lib/frames'
 
 setFlagsFromString('--expose-gc')
 const gc = runInNewContext('gc') as () => void
@@ -36,4 +37,19 @@ test('a text message held open across reads keeps none of those reads alive', { 
   t.diagnostic(`memory held after 300 reads of ~64 KB: ${(grown / MB).toFixed(2)} MB`)
   assert.ok(grown < 4 * MB, `${(grown / MB).toFixed(1)} MB held for 301 bytes of an open text message`)
   await waitFor(() => received === 301)
+})
+
+test('what the reader hands on keeps at most about twice its size alive, however sparse the read', () => {
+  // A 64 KiB read of 1-byte frames carries 9,362 payload bytes: queued for an upstream, they must not hold
+  // the whole read's worth of memory.
+  const read = Buffer.concat(new Array(9362).fill(frame(2, 'x')))
+  const handed: Buffer[] = []
+  const reader = new ClientFrameReader({
+    clientData: bytes => { handed.push(bytes) },
+    clientControl: () => true,
+    clientFault: (code, reason) => { throw new Error(`${code} ${reason}`) }
+  }, { maxPayload: 0, maxFragments: 0 })
+  reader.push(read, read.length)
+  assert.equal(handed.reduce((sum, bytes) => sum + bytes.length, 0), 9362)
+  for (const bytes of handed) assert.ok(bytes.buffer.byteLength <= Math.max(2 * bytes.length, Buffer.poolSize), `${bytes.length} bytes keep ${bytes.buffer.byteLength} alive`)
 })

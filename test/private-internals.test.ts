@@ -1,7 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Socket } from 'node:net'
-import { closed, openClient, startEcho, startGateway, waitFor } from './helpers'
+import { closed, openClient, startEcho, startGateway, startTcp, waitFor } from './helpers'
 import { checkInternals, internals } from '../lib/private-internals'
 
 // Each private internal the gateway uses (lib/private-internals.ts) is switched on by a probe that checks
@@ -62,4 +62,21 @@ test('with every internal switched off, the bridge carries the same bytes both w
   await waitFor(() => gateway.logs.find('wstunnel bridge closed').length === 2)
   const codes = gateway.logs.find('wstunnel bridge closed').map(line => line.code).sort()
   assert.deepEqual(codes, [1007, 4000])
+})
+
+test('where ws assembles messages (the fallback), a message is bounded: 16 MiB unless a route allows more', { timeout: 30000 }, async (t) => {
+  const saved = { ...internals }
+  internals.wsFrames = false
+  t.after(() => { Object.assign(internals, saved) })
+  let received = 0
+  const sink = await startTcp(socket => socket.on('data', (chunk: Buffer) => { received += chunk.length }))
+  const gateway = await startGateway({ routes: { '/sink': { upstream: sink.address } } })
+  t.after(async () => { await gateway.app.close(); await sink.close() })
+
+  const client = await openClient(`${gateway.url}/sink`)
+  client.send(Buffer.alloc(2 * 1024 * 1024))
+  await waitFor(() => received === 2 * 1024 * 1024, 10000)
+  client.send(Buffer.alloc(17 * 1024 * 1024))
+  assert.equal((await closed(client)).code, 1009)
+  assert.equal(received, 2 * 1024 * 1024)
 })

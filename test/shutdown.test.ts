@@ -38,6 +38,23 @@ test('close() answers a handshake still connecting its upstream with 503, and ab
   assert.equal((await refused)?.statusCode, 503)
 })
 
+test('many handshakes waiting for their upstream at once raise no listener warning, and all get 503 on close()', { timeout: 10000 }, async (t) => {
+  const warnings: string[] = []
+  const onWarning = (warning: Error): void => { warnings.push(warning.name) }
+  process.on('warning', onWarning)
+  t.after(() => { process.removeListener('warning', onWarning) })
+  const upstream = await startUnresponsive()
+  t.after(upstream.stop)
+  const gateway = await startGateway({ routes: { '/slow': { upstream: upstream.address, connectTimeout: 30000 } } })
+  t.after(() => gateway.app.close())
+
+  const refused = Array.from({ length: 20 }, () => openClient(`${gateway.url}/slow`).then(() => null, (err: { statusCode?: number }) => err.statusCode))
+  await new Promise(resolve => setTimeout(resolve, 300))
+  await gateway.app.close()
+  assert.deepEqual(await Promise.all(refused), new Array(20).fill(503))
+  assert.deepEqual(warnings.filter(name => name === 'MaxListenersExceededWarning'), [])
+})
+
 test('a handshake that upgrades after close() began is closed with 1001, and close() ends', { timeout: 10000 }, async (t) => {
   const echo = await startEcho()
   t.after(() => echo.close())
