@@ -209,7 +209,7 @@ function upstreamOnDrain (this: Socket): void {
   bridgeOf(this).resumeClient()
 }
 
-function upstreamOnData (this: Socket, buffer: Buffer, length: number): boolean {
+function upstreamOnData (this: Socket, buffer: Buffer, length: number, owned: boolean): boolean {
   const bridge = bridgeOf(this)
   const ws = bridge.ws
   if (ws.readyState !== WebSocket.OPEN) return true // the client is gone; the upstream is being drained to its end
@@ -220,9 +220,10 @@ function upstreamOnData (this: Socket, buffer: Buffer, length: number): boolean 
     // One read, one frame, written straight to the socket: ws queues nothing of its own on such a
     // connection (it queues only while compressing), so frames stay in order.
     if (bridge.socket !== null) {
-      bridge.socket.write(binaryFrame(buffer, length), resume)
+      bridge.socket.write(binaryFrame(buffer, length, owned), resume)
     } else {
-      ws.send(Buffer.from(buffer.subarray(0, length)), BINARY, resume)
+      const bytes = buffer.subarray(0, length)
+      ws.send(owned ? bytes : Buffer.from(bytes), BINARY, resume)
     }
     return !full
   }

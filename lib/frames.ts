@@ -38,10 +38,12 @@ export interface MessageLimits {
   maxFragments: number
 }
 
-/** Returns an unmasked, final binary frame carrying `length` bytes of `source`, in memory of its own. */
-export function binaryFrame (source: Buffer, length: number): Buffer {
+/** Returns an unmasked, final binary frame carrying `length` bytes of `source`: in memory of its own, or,
+ *  when `inPlace`, around the bytes where they lie, its header written into the FRAME_HEADROOM bytes
+ *  (upstream.ts) in front of them. */
+export function binaryFrame (source: Buffer, length: number, inPlace: boolean): Buffer {
   const header = length < 126 ? 2 : length < 0x10000 ? 4 : 10
-  const frame = Buffer.allocUnsafe(header + length)
+  const frame = inPlace ? Buffer.from(source.buffer, source.byteOffset - header, length + header) : Buffer.allocUnsafe(header + length)
   frame[0] = 0x82
   if (header === 2) {
     frame[1] = length
@@ -53,7 +55,7 @@ export function binaryFrame (source: Buffer, length: number): Buffer {
     frame.writeUInt32BE(Math.floor(length / 0x100000000), 2)
     frame.writeUInt32BE(length >>> 0, 6)
   }
-  source.copy(frame, header, 0, length)
+  if (!inPlace) source.copy(frame, header, 0, length)
   return frame
 }
 
@@ -262,11 +264,16 @@ export class ClientFrameReader {
     return true
   }
 
-  /** Hands on out[handed, end). A piece under half of `out` (a read of tiny frames) goes as a copy, so that
-   *  what waits for the upstream never keeps more than twice its size alive. */
+  /** Hands on out[handed, end). A piece under half of `out` (a read of tiny frames) goes as a copy in memory
+   *  of its own (not a pool's), so that what waits for the upstream never keeps more than twice its size alive. */
   private handOn (end: number): void {
-    const bytes = this.out.subarray(this.handed, end)
-    this.target.clientData(bytes.length * 2 < this.out.length ? Buffer.from(bytes) : bytes)
+    let bytes = this.out.subarray(this.handed, end)
+    if (bytes.length * 2 < this.out.length) {
+      const copy = Buffer.allocUnsafeSlow(bytes.length)
+      bytes.copy(copy)
+      bytes = copy
+    }
+    this.target.clientData(bytes)
     this.handed = end
   }
 

@@ -3,15 +3,31 @@ import type { UpstreamTarget } from './options'
 import { ShuttingDownError, UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
 import { SHARED_READ_BUFFER } from './read-buffer'
 
-/** Where an upstream's bytes go: `length` bytes of `buffer`, valid only during the call (read-buffer.ts).
- *  Return false to stop reading until `socket.resume()`. */
-export type UpstreamReader = (this: Socket, buffer: Buffer, length: number) => boolean
+// An upstream reads into the shared buffer (read-buffer.ts) while its reads are small. A large read means
+// bulk: the socket then reads into a buffer of its own, and a large read there is the reader's to keep (the
+// bytes are handed on without a copy), the socket getting a fresh buffer for its next read; a small read
+// sends it back to the shared buffer. So no buffer a reader was given to keep is ever read into again, by
+// this socket or any other, and only a socket in the middle of bulk holds a buffer of its own.
+const LARGE_READ = 16 * 1024
+const OWN_SIZE = 64 * 1024
+/** Bytes free in front of a buffer a reader may keep, for a frame header (frames.ts). */
+export const FRAME_HEADROOM = 10
+
+/** Where an upstream's bytes go: `length` bytes of `buffer`. When `owned`, the buffer is the reader's to keep,
+ *  with FRAME_HEADROOM free bytes in front; otherwise it is valid only during the call. Return false to stop
+ *  reading until `socket.resume()`. */
+export type UpstreamReader = (this: Socket, buffer: Buffer, length: number, owned: boolean) => boolean
 const kReader = Symbol('wstunnel.reader')
 const kEarly = Symbol('wstunnel.early')
-type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null }
+const kOwn = Symbol('wstunnel.own-buffer')
+type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null, [kOwn]: Buffer | null }
 
 function onUpstreamRead (this: ReadingSocket, length: number, buffer: Buffer): boolean {
-  return this[kReader](buffer, length)
+  const large = length >= LARGE_READ
+  const owned = large && buffer !== SHARED_READ_BUFFER
+  // Decided before the reader runs: Node asks for the next buffer as soon as this call returns.
+  this[kOwn] = large ? Buffer.allocUnsafe(FRAME_HEADROOM + OWN_SIZE).subarray(FRAME_HEADROOM) : null
+  return this[kReader](buffer, length, owned)
 }
 
 /** Before a bridge adopts the upstream, what it sends (a server banner) is kept, and reading stops. */
@@ -27,7 +43,7 @@ export function readUpstream (socket: Socket, reader: UpstreamReader): void {
   reading[kReader] = reader
   reading[kEarly] = null
   let flowing = true
-  if (early !== null) for (const chunk of early) flowing = reader.call(socket, chunk, chunk.length) !== false && flowing
+  if (early !== null) for (const chunk of early) flowing = reader.call(socket, chunk, chunk.length, false) !== false && flowing
   if (flowing) socket.resume()
 }
 
@@ -36,12 +52,15 @@ export function readUpstream (socket: Socket, reader: UpstreamReader): void {
 export function connectUpstream (target: UpstreamTarget, timeout: number, preamble: Buffer | undefined, signal: AbortSignal): Promise<Socket> {
   return new Promise((resolve, reject) => {
     if (signal.aborted) return reject(new ShuttingDownError())
-    const onread = { buffer: SHARED_READ_BUFFER, callback: onUpstreamRead }
-    const socket = ('path' in target
+    // Node asks for the first buffer inside connect(), before `socket` is assigned.
+    let created: ReadingSocket | undefined
+    const onread = { buffer: () => created?.[kOwn] ?? SHARED_READ_BUFFER, callback: onUpstreamRead }
+    const socket = created = ('path' in target
       ? connect({ path: target.path, onread })
       : connect({ host: target.host, port: target.port, noDelay: true, onread })) as ReadingSocket
     socket[kReader] = holdEarly
     socket[kEarly] = null
+    socket[kOwn] = null
     // From here on an error needs a listener, whoever else listens: until a bridge adopts the upstream
     // (a reset while the upgrade completes), nothing else does, and the socket destroys itself.
     socket.on('error', ignore)

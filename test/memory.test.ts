@@ -7,8 +7,15 @@ import { PING, PONG, frame, openRaw } from './raw-client'
 import { ClientFrameReader } from '../lib/frames'
 
 setFlagsFromString('--expose-gc')
-const gc = runInNewContext('gc') as () => void
+const collect = runInNewContext('gc') as () => void
 const MB = 1024 * 1024
+
+/** Collects garbage; V8 frees array buffers' memory in a sweep after the collection, so it waits for it. */
+async function gc (): Promise<void> {
+  collect()
+  await new Promise(resolve => setTimeout(resolve, 100))
+  collect()
+}
 
 test('a text message held open across reads keeps none of those reads alive', { timeout: 20000 }, async (t) => {
   let received = 0
@@ -23,7 +30,7 @@ test('a text message held open across reads keeps none of those reads alive', { 
   // of the gateway's reads carries a tiny payload in a large read.
   const padding = Buffer.concat(new Array(480).fill(frame(PONG, Buffer.alloc(125))))
   client.socket.write(frame(1, 'a', { fin: false }))
-  gc()
+  await gc()
   const before = process.memoryUsage().arrayBuffers
   for (let i = 0; i < 300; i++) {
     client.socket.write(Buffer.concat([frame(0, 'b', { fin: false }), padding]))
@@ -32,7 +39,7 @@ test('a text message held open across reads keeps none of those reads alive', { 
   // ws answers a ping only once it has read everything before it.
   client.socket.write(frame(PING, 'done'))
   await waitFor(() => client.frames.some(f => f.opcode === PONG), 10000)
-  gc()
+  await gc()
   const grown = process.memoryUsage().arrayBuffers - before
   t.diagnostic(`memory held after 300 reads of ~64 KB: ${(grown / MB).toFixed(2)} MB`)
   assert.ok(grown < 4 * MB, `${(grown / MB).toFixed(1)} MB held for 301 bytes of an open text message`)
@@ -51,5 +58,5 @@ test('what the reader hands on keeps at most about twice its size alive, however
   }, { maxPayload: 0, maxFragments: 0 })
   reader.push(read, read.length)
   assert.equal(handed.reduce((sum, bytes) => sum + bytes.length, 0), 9362)
-  for (const bytes of handed) assert.ok(bytes.buffer.byteLength <= Math.max(2 * bytes.length, Buffer.poolSize), `${bytes.length} bytes keep ${bytes.buffer.byteLength} alive`)
+  for (const bytes of handed) assert.ok(bytes.buffer.byteLength <= 2 * bytes.length, `${bytes.length} bytes keep ${bytes.buffer.byteLength} alive`)
 })

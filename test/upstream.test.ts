@@ -1,5 +1,6 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
@@ -150,4 +151,28 @@ test('bytes an upstream sends before a bridge adopts it are kept, and come first
   readUpstream(upstream, (buffer, length) => { received.push(buffer.toString('latin1', 0, length)); return true })
   server.sockets.values().next().value?.write('after\n')
   await waitFor(() => received.join('') === 'banner 1\nbanner 2\nafter\n')
+})
+
+test('a large upstream read is handed on to keep, and nothing ever reads into that memory again', { timeout: 10000 }, async (t) => {
+  const sent = randomBytes(4 * 1024 * 1024)
+  const server = await startTcp(socket => { socket.end(sent) })
+  t.after(() => server.close())
+  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, new AbortController().signal)
+  t.after(() => upstream.destroy())
+  const kept: Array<{ at: number, bytes: Buffer }> = []
+  const copies: Buffer[] = []
+  let received = 0
+  readUpstream(upstream, (buffer, length, owned) => {
+    const bytes = buffer.subarray(0, length)
+    if (owned) kept.push({ at: received, bytes }) // kept as it is, as a bridge does
+    copies.push(Buffer.from(bytes))
+    received += length
+    return true
+  })
+  await waitFor(() => received === sent.length, 8000)
+  assert.ok(Buffer.concat(copies).equals(sent))
+  assert.ok(kept.length > 0, 'bulk reads were handed on to keep')
+  // Every kept buffer still holds the bytes it was handed with: no later read of this socket wrote into it.
+  for (const { at, bytes } of kept) assert.ok(bytes.equals(sent.subarray(at, at + bytes.length)), `bytes kept at ${at} were overwritten`)
+  assert.equal(new Set(kept.map(({ bytes }) => bytes.buffer)).size, kept.length, 'each kept read has memory of its own')
 })
