@@ -79,7 +79,7 @@ export class Bridge implements FrameTarget {
     if (route.idleTimeout > 0) upstream.setTimeout(route.idleTimeout)
     context.bridges.add(this)
     context.heartbeat?.add(this)
-    readUpstream(upstream, upstreamOnData)
+    readUpstream(upstream, upstreamOnData, this.framer === null)
   }
 
   /** Client payload bytes, from one read of the client socket (or one message): one write to the upstream.

@@ -4,11 +4,13 @@ import { ShuttingDownError, UpstreamTimeoutError, UpstreamUnreachableError } fro
 import { SHARED_READ_BUFFER } from './read-buffer'
 
 // An upstream reads into the shared buffer (read-buffer.ts) while its reads are small. A large read means
-// bulk: the socket then reads into a buffer of its own, and a large read there is the reader's to keep (the
-// bytes are handed on without a copy), the socket getting a fresh buffer for its next read; a small read
-// sends it back to the shared buffer. So no buffer a reader was given to keep is ever read into again, by
-// this socket or any other, and only a socket in the middle of bulk holds a buffer of its own.
-const LARGE_READ = 16 * 1024
+// bulk: if its reader can keep what it is given, the socket then reads into a buffer of its own, and a large
+// read there is the reader's to keep (the bytes are handed on without a copy), the socket getting a fresh
+// buffer for its next read; a small read sends it back to the shared buffer. So no buffer a reader was given
+// to keep is ever read into again, by this socket or any other; a kept buffer is at least half full; and a
+// socket holds a buffer of its own only in bulk, or when it went quiet right after a bulk read (Node swaps a
+// socket's read buffer only after a read).
+const LARGE_READ = 32 * 1024
 const OWN_SIZE = 64 * 1024
 /** Bytes free in front of a buffer a reader may keep, for a frame header (frames.ts). */
 export const FRAME_HEADROOM = 10
@@ -20,14 +22,21 @@ export type UpstreamReader = (this: Socket, buffer: Buffer, length: number, owne
 const kReader = Symbol('wstunnel.reader')
 const kEarly = Symbol('wstunnel.early')
 const kOwn = Symbol('wstunnel.own-buffer')
-type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null, [kOwn]: Buffer | null }
+const kKeeps = Symbol('wstunnel.reader-keeps')
+type ReadingSocket = Socket & { [kReader]: UpstreamReader, [kEarly]: Buffer[] | null, [kOwn]: Buffer | null, [kKeeps]: boolean }
 
 function onUpstreamRead (this: ReadingSocket, length: number, buffer: Buffer): boolean {
   const large = length >= LARGE_READ
   const owned = large && buffer !== SHARED_READ_BUFFER
   // Decided before the reader runs: Node asks for the next buffer as soon as this call returns.
-  this[kOwn] = large ? Buffer.allocUnsafe(FRAME_HEADROOM + OWN_SIZE).subarray(FRAME_HEADROOM) : null
-  return this[kReader](buffer, length, owned)
+  this[kOwn] = large && this[kKeeps] ? Buffer.allocUnsafe(FRAME_HEADROOM + OWN_SIZE).subarray(FRAME_HEADROOM) : null
+  try {
+    return this[kReader](buffer, length, owned)
+  } catch (err) {
+    // Node would not ask for the next buffer, and would read into the one just handed on: the socket goes.
+    this.destroy(err as Error)
+    return false
+  }
 }
 
 /** Before a bridge adopts the upstream, what it sends (a server banner) is kept, and reading stops. */
@@ -36,11 +45,13 @@ function holdEarly (this: Socket, buffer: Buffer, length: number): boolean {
   return false
 }
 
-/** Hands the upstream's bytes to `reader` from now on, first those that came before, then resumes reading. */
-export function readUpstream (socket: Socket, reader: UpstreamReader): void {
+/** Hands the upstream's bytes to `reader` from now on, first those that came before, then resumes reading.
+ *  `keeps`: the reader keeps large reads handed to it as owned (else they need no buffer of their own). */
+export function readUpstream (socket: Socket, reader: UpstreamReader, keeps: boolean): void {
   const reading = socket as ReadingSocket
   const early = reading[kEarly]
   reading[kReader] = reader
+  reading[kKeeps] = keeps
   reading[kEarly] = null
   let flowing = true
   if (early !== null) for (const chunk of early) flowing = reader.call(socket, chunk, chunk.length, false) !== false && flowing
@@ -61,6 +72,7 @@ export function connectUpstream (target: UpstreamTarget, timeout: number, preamb
     socket[kReader] = holdEarly
     socket[kEarly] = null
     socket[kOwn] = null
+    socket[kKeeps] = false
     // From here on an error needs a listener, whoever else listens: until a bridge adopts the upstream
     // (a reset while the upgrade completes), nothing else does, and the socket destroys itself.
     socket.on('error', ignore)

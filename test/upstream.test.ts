@@ -148,7 +148,7 @@ test('bytes an upstream sends before a bridge adopts it are kept, and come first
   t.after(() => upstream.destroy())
   await new Promise(resolve => setTimeout(resolve, 100)) // both banners reach the gateway before anyone reads
   const received: string[] = []
-  readUpstream(upstream, (buffer, length) => { received.push(buffer.toString('latin1', 0, length)); return true })
+  readUpstream(upstream, (buffer, length) => { received.push(buffer.toString('latin1', 0, length)); return true }, false)
   server.sockets.values().next().value?.write('after\n')
   await waitFor(() => received.join('') === 'banner 1\nbanner 2\nafter\n')
 })
@@ -168,11 +168,33 @@ test('a large upstream read is handed on to keep, and nothing ever reads into th
     copies.push(Buffer.from(bytes))
     received += length
     return true
-  })
+  }, true)
   await waitFor(() => received === sent.length, 8000)
   assert.ok(Buffer.concat(copies).equals(sent))
   assert.ok(kept.length > 0, 'bulk reads were handed on to keep')
   // Every kept buffer still holds the bytes it was handed with: no later read of this socket wrote into it.
   for (const { at, bytes } of kept) assert.ok(bytes.equals(sent.subarray(at, at + bytes.length)), `bytes kept at ${at} were overwritten`)
   assert.equal(new Set(kept.map(({ bytes }) => bytes.buffer)).size, kept.length, 'each kept read has memory of its own')
+  for (const { bytes } of kept) assert.ok(bytes.length * 2 >= bytes.buffer.byteLength, 'a kept read fills at least half its memory')
+})
+
+test('a reader that keeps nothing is never handed a read to keep; one that throws loses its upstream, not the process', { timeout: 10000 }, async (t) => {
+  const sent = randomBytes(2 * 1024 * 1024)
+  const server = await startTcp(socket => { socket.end(sent) })
+  t.after(() => server.close())
+  const signal = new AbortController().signal
+  const plain = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, signal)
+  t.after(() => plain.destroy())
+  let received = 0
+  let owned = 0
+  readUpstream(plain, (_buffer, length, keep) => { received += length; if (keep) owned++; return true }, false)
+  await waitFor(() => received === sent.length, 8000)
+  assert.equal(owned, 0)
+
+  const throwing = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, signal)
+  const errors: Error[] = []
+  throwing.on('error', err => errors.push(err))
+  readUpstream(throwing, (_buffer, _length, keep) => { if (keep) throw new Error('reader failed'); return true }, true)
+  await waitFor(() => throwing.destroyed, 8000)
+  assert.deepEqual(errors.map(err => err.message), ['reader failed'])
 })
