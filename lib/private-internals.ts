@@ -13,18 +13,18 @@ import type { ReadCallback } from './read-buffer'
 //
 // 1. clientOnread (Node.js: net.Socket's `onread` symbols kBuffer/kBufferCb, `_handle.useUserBuffer`).
 //    Why: an accepted client socket cannot be created with `onread`; switched to it, every read lands in
-//    the shared read buffer with no allocation and no 'data' event. Worth: echo CPU 1.40-1.49 -> 1.25-1.31
-//    µs per message. Without it: the socket is read the stream way.
+//    the shared read buffer with no allocation and no 'data' event. Worth (bench, 2026-11-26, on against
+//    off): echo 1.58 against 2.07 CPU µs per message. Without it: the socket is read the stream way.
 // 2. wsFrames (ws 8: `_receiver`, `_closeFrameReceived`, the Receiver's `_errored`, `_socket`, a replaced
 //    `receiver.write`; binary frames written to the socket beside ws's Sender). Why: a byte-stream bridge
 //    needs no message assembly; the bridge reads the client's data frames itself (frames.ts) and hands ws
-//    only the control frames, and writes each upstream read as one frame. Worth: echo CPU 2.76 -> 2.22 µs
-//    per message, upstream -> client 0.8 -> 1.2 GB/s. Without it: ws's 'message' events and `ws.send`.
+//    only the control frames, and writes each upstream read as one frame. Worth: echo 1.58 against 8.01
+//    CPU µs per message. Without it: ws's 'message' events and `ws.send`.
 //    A connection that negotiated an extension (permessage-deflate) uses the plain path: compressed
 //    frames are ws's to read, even where the internals are present.
 // 3. releaseRequest (Node.js: `socket._httpMessage.detachSocket()`). Why: the ServerResponse that
 //    @fastify/websocket made for the upgrade stays on the socket, and keeps the request and its headers for
-//    the bridge's life. Worth: 12.4 -> 9.5 KB per idle connection (with the removed 'error' closure).
+//    the bridge's life. Worth: 10.4 against 13.4 KB per idle connection.
 //    Without it: the response stays attached (more memory, nothing else).
 
 /** Which internals behave as this file expects; each starts off and is switched on by the probe. */
