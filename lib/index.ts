@@ -87,14 +87,16 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   await fastify.register(backend, { routes: options.routes, state })
 }
 
+const ASSEMBLED_DEFAULT = 16 * 1024 * 1024
+
 /** Where ws assembles messages (a connection whose frames the bridge cannot read itself: private-internals.ts
  *  says when), the memory they take is bounded: by the largest route maxPayload, and by 16 MiB where a route
  *  sets none. Each route's own limit is then checked on the whole message. ws keeps the limit in 32 bits. */
 function assembledLimit (routes: Array<{ maxPayload: number }>): number {
-  const limits = routes.map(route => route.maxPayload === 0 ? ASSEMBLED_DEFAULT : route.maxPayload)
-  return Math.min(Math.max(...limits), 2 ** 31 - 1)
+  let largest = routes.length === 0 ? ASSEMBLED_DEFAULT : 0
+  for (const route of routes) largest = Math.max(largest, route.maxPayload === 0 ? ASSEMBLED_DEFAULT : route.maxPayload)
+  return Math.min(largest, 2 ** 31 - 1)
 }
-const ASSEMBLED_DEFAULT = 16 * 1024 * 1024
 
 function isUpgradeRequest (request: IncomingMessage): boolean {
   return request.headers.upgrade !== undefined && /\bupgrade\b/i.test(request.headers.connection ?? '')

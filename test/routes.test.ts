@@ -232,3 +232,12 @@ test("every problem is reported, and TypeBox's process-wide settings are left as
   assert.throws(() => resolveOptions({ routes }), (err: Error) => err.message.split('\n').length > 12)
   assert.equal(Settings.Get().maxErrors, before)
 })
+
+test('the bound on messages ws assembles is 16 MiB, the largest route maxPayload, and never none', async (t) => {
+  for (const [routes, expected] of [[{}, 16 * 1024 * 1024], [{ '/a': { upstream: '127.0.0.1:1', maxPayload: 1000 } }, 1000], [{ '/a': { upstream: '127.0.0.1:1', maxPayload: 2 ** 40 } }, 2 ** 31 - 1]] as const) {
+    const app = Fastify()
+    t.after(() => app.close())
+    await app.register(wstunnel, { routes })
+    assert.equal(app.websocketServer.options.maxPayload, expected)
+  }
+})
