@@ -204,6 +204,27 @@ async function echoRate (system, servers, { connections = 100, inFlight = 16 } =
   }
 }
 
+/** Round trips of `message` through an echo connection: each resolves once `message.length` bytes are back,
+ *  in however many messages; with `timeout`, one that is not back by then rejects. */
+function echoRoundTrips (conn, message, timeout) {
+  let pending = 0
+  let wake = null
+  conn.onData(data => {
+    pending += data.length
+    if (pending >= message.length && wake !== null) { pending -= message.length; const w = wake; wake = null; w() }
+  })
+  return () => new Promise((resolve, reject) => {
+    const timer = timeout === undefined ? null : setTimeout(() => reject(new Error(`round trip not back after ${timeout} ms`)), timeout)
+    wake = () => { if (timer !== null) clearTimeout(timer); resolve() }
+    conn.send(message)
+  })
+}
+
+/** The q-quantile of sorted samples. */
+function quantile (samples, q) {
+  return samples[Math.min(samples.length - 1, Math.floor(q * samples.length))]
+}
+
 /** Sequential round trips of 64 B, one connection per system, the systems taking turns in batches of
  *  `batch` round trips: where the scheduler puts the processes drifts within a run, and so it weighs on every
  *  system alike. Resolves to p50 and p99 in microseconds for each system, by name. */
@@ -211,14 +232,7 @@ async function latency (systems, servers, { count = 5000, warmup = 500, batch = 
   const probes = {}
   for (const [name, system] of Object.entries(systems)) {
     const conn = await connect(system, servers.ports, 'echo')
-    let pending = 0
-    let wake = null
-    conn.onData(data => {
-      pending += data.length
-      if (pending >= MESSAGE.length && wake !== null) { pending -= MESSAGE.length; const w = wake; wake = null; w() }
-    })
-    const roundTrip = () => new Promise(resolve => { wake = resolve; conn.send(MESSAGE) })
-    probes[name] = { conn, roundTrip, samples: [] }
+    probes[name] = { conn, roundTrip: echoRoundTrips(conn, MESSAGE), samples: [] }
   }
   const deadline = Date.now() + 10000 * Object.keys(probes).length
   for (let done = 0; done < warmup + count && Date.now() < deadline; done += batch) {
@@ -234,8 +248,7 @@ async function latency (systems, servers, { count = 5000, warmup = 500, batch = 
   for (const [name, { conn, samples }] of Object.entries(probes)) {
     conn.destroy()
     samples.sort((a, b) => a - b)
-    const at = q => samples[Math.min(samples.length - 1, Math.floor(q * samples.length))]
-    results[name] = { value: at(0.5), p99: at(0.99), samples: samples.length }
+    results[name] = { value: quantile(samples, 0.5), p99: quantile(samples, 0.99), samples: samples.length }
   }
   return results
 }
@@ -245,18 +258,8 @@ async function latency (systems, servers, { count = 5000, warmup = 500, batch = 
  *  within the window; resolves to p50 and p99 in ms, with the gateway's CPU ms per round trip. */
 async function largeRoundTrip (system, servers, { count = 1000, timeout = 10000 } = {}) {
   const conn = await connect(system, servers.ports, 'echo')
-  let pending = 0
-  let wake = null
-  conn.onData(data => {
-    pending += data.length
-    if (pending >= LARGE.length && wake !== null) { pending -= LARGE.length; const w = wake; wake = null; w() }
-  })
   // A system that drops or truncates the message fails the round, not the run.
-  const roundTrip = () => new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`1 MiB round trip not back after ${timeout} ms`)), timeout)
-    wake = () => { clearTimeout(timer); resolve() }
-    conn.send(LARGE)
-  })
+  const roundTrip = echoRoundTrips(conn, LARGE, timeout)
   const samples = []
   let cpu
   try {
@@ -272,8 +275,7 @@ async function largeRoundTrip (system, servers, { count = 1000, timeout = 10000 
     conn.destroy()
   }
   samples.sort((a, b) => a - b)
-  const at = q => samples[Math.min(samples.length - 1, Math.floor(q * samples.length))]
-  return { value: at(0.5), p99: at(0.99), roundTrips: samples.length, cpuPerRoundTrip: system.pids.length > 0 ? cpu / samples.length * 1e3 : null }
+  return { value: quantile(samples, 0.5), p99: quantile(samples, 0.99), roundTrips: samples.length, cpuPerRoundTrip: system.pids.length > 0 ? cpu / samples.length * 1e3 : null }
 }
 
 /** 32 concurrent clients, each looping: open, one 64 B echo, close. Completed cycles per second. */

@@ -365,20 +365,15 @@ function generate (rng: Random): Case {
       b.end(b.add(opcode, rng.bytes(rng.between(0, 10)), { note: 'unknown opcode', fin: rng.chance(0.8) }), { by: 'error', code: fault }, opcode < 8 ? 'reader' : 'control')
       break
     }
-    case 'rsv': {
-      const inside = b.maybeInside()
-      const control = rng.chance(0.3)
-      const opcode = control ? rng.pick([PING, PONG, CLOSE]) : inside ? CONTINUATION : rng.pick([TEXT, BINARY])
-      const payload = opcode === CLOSE ? closePayload(rng, 1000) : opcode === TEXT ? randomText(rng, 10) : rng.bytes(rng.between(0, 10))
-      b.end(b.add(opcode, payload, { rsv: rng.between(1, 7), note: 'RSV set' }), { by: 'error', code: fault }, control ? 'control' : 'reader')
-      break
-    }
+    case 'rsv':
     case 'unmasked': {
+      // A frame of any kind, where it may come, with a bad header bit.
       const inside = b.maybeInside()
       const control = rng.chance(0.3)
       const opcode = control ? rng.pick([PING, PONG, CLOSE]) : inside ? CONTINUATION : rng.pick([TEXT, BINARY])
       const payload = opcode === CLOSE ? closePayload(rng, 1000) : opcode === TEXT ? randomText(rng, 10) : rng.bytes(rng.between(0, 10))
-      b.end(b.add(opcode, payload, { masked: false, note: 'unmasked' }), { by: 'error', code: fault }, control ? 'control' : 'reader')
+      const bad = kind === 'rsv' ? { rsv: rng.between(1, 7), note: 'RSV set' } : { masked: false, note: 'unmasked' }
+      b.end(b.add(opcode, payload, bad), { by: 'error', code: fault }, control ? 'control' : 'reader')
       break
     }
     case 'continuation-outside':
