@@ -4,7 +4,10 @@ import type { WebSocket } from 'ws'
 import type { ResolvedRoute, UpstreamTarget } from './options'
 import { Bridge } from './bridge'
 import { Heartbeat } from './heartbeat'
-import { connectUpstream } from './upstream'
+import { RoutePool, type UpstreamEntry } from './upstream-pool'
+import { chooseTarget, redactingRequestSerializer } from './target'
+import { readTokens } from './options'
+import { watchTokenFile } from './token-file'
 import { checkHandshake } from './handshake'
 import { checkOrigin } from './origin'
 import { chosenSubprotocol, selectSubprotocol } from './subprotocol'
@@ -18,6 +21,8 @@ const kPending = Symbol('wstunnel.pending-upstream')
 interface Pending {
   upstream: Socket
   target: UpstreamTarget
+  /** A token's short hash, for the log: never the token. */
+  token: string | undefined
   preambleLength: number
   onClientGone: () => void
 }
@@ -30,6 +35,10 @@ export interface BackendState {
   closing: boolean
   /** Aborts the upstream connects of handshakes in progress. */
   connecting: AbortController
+  /** Each route's upstreams and their health, by the route's full path. */
+  pools: Map<string, RoutePool>
+  /** Called when the plugin closes: health checks, token file watchers. */
+  stoppers: Array<() => void>
 }
 
 export interface BackendOptions {
@@ -37,20 +46,55 @@ export interface BackendOptions {
   state: BackendState
 }
 
-/** The encapsulated backend service: one WebSocket route per declared path, each bridged to its upstream. */
+/** The encapsulated backend service: one WebSocket route per declared path, each bridged to an upstream of
+ *  its pool, chosen by the route's balance policy and passive health, or per request by its target. */
 export async function backend (fastify: FastifyInstance, { routes, state }: BackendOptions): Promise<void> {
   const { bridges } = state
   for (const route of routes) {
     const heartbeat = route.pingInterval > 0 ? new Heartbeat(route.pingInterval) : null
+    const configured = [...route.upstreams ?? [], ...[...route.upstreamBySubprotocol?.values() ?? []].flat()]
+    const target = route.target
+    if (target?.from === 'token') configured.push(...[...target.tokens.values(), ...target.fileTokens.values()].flat())
+    const pool = new RoutePool(route, configured, fastify.log)
+    state.pools.set(fastify.prefix + route.path, pool)
+    state.stoppers.push(() => { pool.close() })
+    if (route.healthCheck !== null) pool.startChecks(route.healthCheck.interval)
+    // Inline tokens win over the file's.
+    let tokens = target?.from === 'token' ? new Map([...target.fileTokens, ...target.tokens]) : new Map<string, UpstreamTarget[]>()
+    if (target?.from === 'token' && target.tokensFile !== null) {
+      const file = target.tokensFile
+      // A changed file replaces the table for new connections; open bridges keep going. A file that no longer
+      // reads (half written, a bad line) leaves the table as it was.
+      state.stoppers.push(watchTokenFile(file, () => {
+        const problems: string[] = []
+        const read = readTokens(file, route.tls, problems)
+        if (problems.length > 0) {
+          fastify.log.warn({ route: route.path, problems }, 'wstunnel token file not reloaded')
+          return
+        }
+        tokens = new Map([...read, ...target.tokens])
+        fastify.log.info({ route: route.path, file, tokens: tokens.size }, 'wstunnel token file reloaded')
+      }, err => { fastify.log.warn({ route: route.path, file, err }, 'wstunnel token file is not watched: changes need a restart') }))
+    }
 
     // Runs after every user hook, so a hook that refuses the request costs no upstream connection.
     async function connectBeforeUpgrade (request: FastifyRequest): Promise<void> {
       if (state.closing) throw new ShuttingDownError()
       const subprotocol = chosenSubprotocol(request)
-      const target = (subprotocol !== null ? route.upstreamBySubprotocol?.get(subprotocol) : undefined) ?? route.upstream
-      if (target === null) throw new Error('no upstream for this request') // the sub-protocol hook refuses this case first
+      let entries: UpstreamEntry[]
+      let token: string | undefined
+      if (route.target !== null || route.resolveUpstream !== null) {
+        const chosen = await chooseTarget(route, tokens, request)
+        if (state.closing) throw new ShuttingDownError()
+        entries = pool.entriesFor(chosen.upstreams, chosen.dynamic)
+        token = chosen.token
+      } else {
+        const targets = (subprotocol !== null ? route.upstreamBySubprotocol?.get(subprotocol) : undefined) ?? route.upstreams
+        if (targets === null) throw new Error('no upstream for this request') // the sub-protocol hook refuses this case first
+        entries = pool.entriesFor(targets, false)
+      }
       const preamble = route.proxyProtocol === null ? undefined : proxyHeader(route.proxyProtocol, proxyInfo(request, subprotocol))
-      const upstream = await connectUpstream(target, route.connectTimeout, preamble, state.connecting.signal)
+      const { socket: upstream, entry } = await pool.connect(pool.order(entries, request.ip), preamble, state.connecting.signal)
       const client = request.raw.socket as Socket | undefined // none under injectWS
       if (client?.destroyed === true) {
         upstream.destroy()
@@ -59,7 +103,7 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
       // If the upgrade never completes (client gone, handshake refused), the upstream goes too.
       const onClientGone = (): void => { upstream.destroy() }
       client?.once('close', onClientGone)
-      ;(request.raw as RawWithPending)[kPending] = { upstream, target, preambleLength: preamble?.length ?? 0, onClientGone }
+      ;(request.raw as RawWithPending)[kPending] = { upstream, target: entry.target, token, preambleLength: preamble?.length ?? 0, onClientGone }
     }
 
     function bridge (ws: WebSocket, request: FastifyRequest): void {
@@ -110,14 +154,18 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
         limits: { maxPayload: route.maxPayload, maxFragments: fastify.websocketServer.options.maxFragments ?? 0 }
       }
       const opened = new Bridge(ws, upstream, context)
-      log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined }, 'wstunnel bridge open')
+      log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined, token: pending.token }, 'wstunnel bridge open')
       if (state.closing) opened.shutdown() // upgraded after the plugin's preClose
     }
 
     const onRequest = route.origins !== null || route.requireOrigin
       ? [checkHandshake, checkOrigin(route), selectSubprotocol(route)]
       : [checkHandshake, selectSubprotocol(route)]
-    fastify.get(route.path, { websocket: true, onRequest, preHandler: connectBeforeUpgrade }, bridge)
+    // The request log line would hold a token given in the URL: it shows its short hash instead.
+    const logSerializers = target?.from === 'token' && target.sources.some(source => source === 'query' || source === 'path')
+      ? { req: redactingRequestSerializer(target) }
+      : undefined
+    fastify.get(route.path, { websocket: true, onRequest, preHandler: connectBeforeUpgrade, logSerializers }, bridge)
   }
 }
 

@@ -3,11 +3,26 @@ import createError from '@fastify/error'
 /** Invalid plugin options: the message lists every problem with its path. */
 export const InvalidOptionsError = createError('FST_WSTUNNEL_INVALID_OPTIONS', 'invalid fastify-wstunnel options:\n%s', 500)
 
-/** The upstream refused or failed the connection before the upgrade. */
-export const UpstreamUnreachableError = createError('FST_WSTUNNEL_UPSTREAM_UNREACHABLE', 'upstream %s is unreachable: %s', 502)
+/** No upstream accepted the connection, and at least one refused or failed it: each tried one with its error. */
+export const UpstreamUnreachableError = createError('FST_WSTUNNEL_UPSTREAM_UNREACHABLE', 'upstream unreachable: %s (%d of %d upstreams tried)', 502)
 
-/** The upstream did not accept the connection within connectTimeout. */
-export const UpstreamTimeoutError = createError('FST_WSTUNNEL_UPSTREAM_TIMEOUT', 'upstream %s did not answer within %d ms', 504)
+/** No upstream accepted the connection within connectTimeout: each tried one with its error. */
+export const UpstreamTimeoutError = createError('FST_WSTUNNEL_UPSTREAM_TIMEOUT', 'upstream did not answer: %s (%d of %d upstreams tried)', 504)
+
+/** A token target found no token in the request, or an unknown one (named by its short hash, never whole). */
+export const UnknownTokenError = createError('FST_WSTUNNEL_UNKNOWN_TOKEN', '%s', 404)
+
+/** resolveUpstream found no upstream for the request. */
+export const NoUpstreamError = createError('FST_WSTUNNEL_NO_UPSTREAM', 'no upstream for this request', 404)
+
+/** A query target that is missing or is not 'host:port'. */
+export const BadTargetError = createError('FST_WSTUNNEL_BAD_TARGET', '%s', 400)
+
+/** A query target that the route's allow-list does not allow (after resolving a host name). */
+export const TargetForbiddenError = createError('FST_WSTUNNEL_TARGET_FORBIDDEN', 'target %s is not allowed', 403)
+
+/** resolveUpstream returned something that is not an upstream. */
+export const InvalidUpstreamError = createError('FST_WSTUNNEL_INVALID_UPSTREAM', 'resolveUpstream returned an invalid upstream: %s', 500)
 
 /** The request's Origin is not allowed on this route. */
 export const OriginForbiddenError = createError('FST_WSTUNNEL_ORIGIN_FORBIDDEN', 'origin %s is not allowed', 403)

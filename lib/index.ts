@@ -7,16 +7,22 @@ import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import { resolveOptions, type FastifyWstunnelOptions } from './options'
 import { backend, type BackendState } from './backend'
+import type { UpstreamStatus } from './upstream-pool'
 import { installSubprotocolChooser } from './subprotocol'
 import { probeInternals } from './private-internals'
 
-/** What the plugin adds to the Fastify instance as `fastify.wstunnel`. */
+/** What the plugin adds to the Fastify instance as `fastify.wstunnel`, over every registration of the plugin. */
 export interface WstunnelDecorator {
   /** Number of open bridged connections. */
   readonly connections: number
   /** Bytes queued inside the gateway across all bridged connections, both ways. */
   bufferedBytes (): number
+  /** Each route's upstreams (by the route's full path), with their state, open connections and failures. */
+  upstreams (): Record<string, UpstreamStatus[]>
 }
+
+const kRegistrations = Symbol('wstunnel.registrations')
+type Registrations = Set<BackendState>
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -26,9 +32,9 @@ declare module 'fastify' {
 
 async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWstunnelOptions): Promise<void> {
   const options = resolveOptions(rawOptions)
-  const state: BackendState = { bridges: new Set(), closing: false, connecting: new AbortController() }
+  // Each registration is a service of its own: two (under different prefixes) share no state.
+  const state: BackendState = { bridges: new Set(), closing: false, connecting: new AbortController(), pools: new Map(), stoppers: [] }
   setMaxListeners(0, state.connecting.signal) // one listener per upstream connect in progress
-  const { bridges } = state
   await probeInternals()
 
   if (!fastify.hasDecorator('websocketServer')) {
@@ -49,15 +55,14 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
 
   installSubprotocolChooser(fastify.websocketServer)
 
-  const decorator: WstunnelDecorator = {
-    get connections () { return bridges.size },
-    bufferedBytes () {
-      let total = 0
-      for (const bridge of bridges) total += bridge.bufferedBytes()
-      return total
-    }
-  }
-  fastify.decorate('wstunnel', decorator)
+  if (!fastify.hasDecorator('wstunnel')) fastify.decorate('wstunnel', decorator(new Set()))
+  const registrations = (fastify.wstunnel as WstunnelDecorator & { [kRegistrations]: Registrations })[kRegistrations]
+  registrations.add(state)
+  fastify.addHook('onClose', (_instance, done) => {
+    for (const stop of state.stoppers) stop()
+    registrations.delete(state)
+    done()
+  })
   // An upgrade request answered over HTTP (401, 403, 502...) holds a socket the HTTP server no longer
   // manages. @fastify/websocket closes it only if its own onRequest hook ran, which a hook registered
   // before it can prevent; so close it here whenever the answer was not an upgrade.
@@ -80,11 +85,33 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   fastify.addHook('preClose', (done) => {
     state.closing = true
     state.connecting.abort()
-    for (const bridge of bridges) bridge.shutdown()
+    for (const bridge of state.bridges) bridge.shutdown()
     done()
   })
 
-  await fastify.register(backend, { routes: options.routes, state })
+  const { prefix, logLevel } = options
+  await fastify.register(backend, { routes: options.routes, state, prefix, ...(logLevel === undefined ? {} : { logLevel }) })
+}
+
+function decorator (registrations: Registrations): WstunnelDecorator {
+  return {
+    [kRegistrations]: registrations,
+    get connections () {
+      let total = 0
+      for (const state of registrations) total += state.bridges.size
+      return total
+    },
+    bufferedBytes () {
+      let total = 0
+      for (const state of registrations) for (const bridge of state.bridges) total += bridge.bufferedBytes()
+      return total
+    },
+    upstreams () {
+      const routes: Record<string, UpstreamStatus[]> = {}
+      for (const state of registrations) for (const [path, pool] of state.pools) routes[path] = pool.status()
+      return routes
+    }
+  } as WstunnelDecorator
 }
 
 const ASSEMBLED_DEFAULT = 16 * 1024 * 1024
@@ -108,6 +135,8 @@ const plugin: FastifyPluginAsync<FastifyWstunnelOptions> = fp(fastifyWstunnel, {
 })
 
 export type { FastifyWstunnelOptions, RouteOptions, UpstreamOption } from './options'
+export type { UpstreamStatus } from './upstream-pool'
+export type { ResolveUpstream } from './target'
 export default plugin
 
 // CommonJS callers get the plugin itself, as with every Fastify plugin; these assignments are the

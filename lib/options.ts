@@ -2,7 +2,12 @@ import Type, { type Static, type TSchema } from 'typebox'
 import { Compile } from 'typebox/compile'
 import { Settings } from 'typebox/system'
 import { InvalidOptionsError } from './errors'
+import type { ConnectionOptions } from 'node:tls'
 import { compileHostnames, compileOrigins, PATTERN_HELP, type OriginMatcher, type OriginsOption } from './origin'
+import { resolveTls } from './tls'
+import { readTokenFile } from './token-file'
+import { compileAllowList, type AllowList } from './allow-list'
+import type { ResolveUpstream } from './target'
 
 const PORT = '([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])'
 
@@ -12,12 +17,55 @@ const UpstreamString = Type.String({
 })
 const Port = Type.Integer({ minimum: 1, maximum: 65535 })
 
-/** Where a route's TCP service lives. */
+// TLS to the upstream. In JSON the certificates are file paths, read at registration; PEM text works too.
+const TlsSchema = Type.Union([
+  Type.Boolean(),
+  Type.Object({
+    servername: Type.Optional(Type.String({ minLength: 1 })),
+    ca: Type.Optional(Type.Union([Type.String({ minLength: 1 }), Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })])),
+    cert: Type.Optional(Type.String({ minLength: 1 })),
+    key: Type.Optional(Type.String({ minLength: 1 })),
+    rejectUnauthorized: Type.Optional(Type.Boolean())
+  }, { additionalProperties: false })
+], { errorMessage: 'must be true, false or { servername, ca, cert, key, rejectUnauthorized } (ca, cert and key: file paths or PEM text)' })
+
+/** Where a TCP service lives. */
 export const UpstreamSchema = Type.Union([
   UpstreamString,
-  Type.Object({ host: Type.String({ minLength: 1 }), port: Port }, { additionalProperties: false }),
-  Type.Object({ path: Type.String({ minLength: 1 }) }, { additionalProperties: false })
+  Type.Object({ host: Type.String({ minLength: 1 }), port: Port, tls: Type.Optional(TlsSchema) }, { additionalProperties: false }),
+  Type.Object({ path: Type.String({ minLength: 1 }), tls: Type.Optional(TlsSchema) }, { additionalProperties: false })
 ], { errorMessage: "must be 'host:port', '[ipv6]:port', 'unix:/path', { host, port } or { path }" })
+
+/** One upstream, or several that the route balances over. */
+export const UpstreamsSchema = Type.Union([
+  UpstreamSchema,
+  Type.Array(UpstreamSchema, { minItems: 1, errorMessage: 'must be a non-empty list of upstreams' })
+], { errorMessage: "must be an upstream ('host:port', '[ipv6]:port', 'unix:/path', { host, port } or { path }) or a non-empty list of them" })
+
+const TOKEN_CHARS = "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$"
+const TokenSource = Type.Enum(['query', 'path', 'cookie', 'subprotocol'])
+
+/** A target chosen per request: by a token, or by a query parameter checked against an allow-list. */
+const TargetSchema = Type.Union([
+  Type.Object({
+    from: Type.Literal('token'),
+    tokens: Type.Optional(Type.Record(Type.String({ minLength: 1 }), UpstreamsSchema)),
+    tokensFile: Type.Optional(Type.String({ minLength: 1 })),
+    source: Type.Optional(Type.Union([TokenSource, Type.Array(TokenSource, { minItems: 1 })], {
+      errorMessage: "must be 'query', 'path', 'cookie', 'subprotocol' or a non-empty list of them"
+    })),
+    name: Type.Optional(Type.String({ pattern: TOKEN_CHARS, errorMessage: 'must be a name (letters, digits and !#$%&\'*+-.^_`|~)' }))
+  }, { additionalProperties: false }),
+  Type.Object({
+    from: Type.Literal('query'),
+    param: Type.Optional(Type.String({ minLength: 1 })),
+    allow: Type.Optional(Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty list of allowed targets' }))
+  }, { additionalProperties: false })
+], { errorMessage: "must be { from: 'token', tokens or tokensFile, source, name } or { from: 'query', param, allow }" })
+
+const HealthCheckSchema = Type.Object({
+  interval: Type.Integer({ minimum: 100, maximum: 2147483647 })
+}, { additionalProperties: false })
 
 const Millis = (fallback: number) => Type.Integer({ minimum: 0, maximum: 2147483647, default: fallback })
 
@@ -32,7 +80,13 @@ const routeSettings = {
   // 0 is no limit; the largest safe integer is as far as a byte count can be exact.
   maxPayload: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 }),
   requireOrigin: Type.Boolean({ default: false }),
-  requireSubprotocol: Type.Boolean({ default: false })
+  requireSubprotocol: Type.Boolean({ default: false }),
+  balance: Type.Enum(['round-robin', 'least-connections', 'random', 'first', 'client-ip'], { default: 'round-robin' }),
+  // Passive health: this many failed connects in a row mark an upstream down for failBackoff, doubling
+  // at each failed retry up to failBackoffMax.
+  maxFailures: Type.Integer({ minimum: 1, maximum: 1000000, default: 3 }),
+  failBackoff: Type.Integer({ minimum: 1, maximum: 2147483647, default: 1000 }),
+  failBackoffMax: Type.Integer({ minimum: 1, maximum: 2147483647, default: 30000 })
 }
 
 // Settings with no default: absent means the feature is off.
@@ -41,7 +95,9 @@ const optionalSettings = {
   origins: Type.Optional(Type.Unsafe<OriginsOption>({ description: `${PATTERN_HELP}, a RegExp, a function, or a list of them` })),
   // The names 'same-origin' trusts besides IP literals and localhost: checked and normalised by origin.ts.
   hostnames: Type.Optional(Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty list of host names' })),
-  proxyProtocol: Type.Optional(Type.Enum(['v1', 'v2']))
+  proxyProtocol: Type.Optional(Type.Enum(['v1', 'v2'])),
+  tls: Type.Optional(TlsSchema),
+  healthCheck: Type.Optional(HealthCheckSchema)
 }
 
 const SubprotocolName = Type.String({
@@ -50,10 +106,13 @@ const SubprotocolName = Type.String({
 })
 
 const RouteSchema = Type.Object({
-  upstream: Type.Optional(UpstreamSchema),
+  upstream: Type.Optional(UpstreamsSchema),
+  target: Type.Optional(TargetSchema),
+  // JavaScript only: chooses the upstream per request, after the app's own hooks (checked by resolveOptions).
+  resolveUpstream: Type.Optional(Type.Unsafe<ResolveUpstream>({ description: 'a function (request) => upstream | upstream[] | null, or a promise of one' })),
   subprotocols: Type.Optional(Type.Union([
     Type.Array(SubprotocolName, { minItems: 1, errorMessage: 'must be a non-empty list of sub-protocol names' }),
-    Type.Record(Type.String({ pattern: "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$" }), UpstreamSchema, {
+    Type.Record(Type.String({ pattern: TOKEN_CHARS }), UpstreamsSchema, {
       additionalProperties: false,
       keyMessage: 'is not a sub-protocol name (letters, digits and !#$%&\'*+-.^_`|~)'
     })
@@ -68,6 +127,9 @@ export const OptionsSchema = Type.Object({
     additionalProperties: false,
     keyMessage: "is not a route path (it must start with '/' and hold no spaces)"
   }),
+  // Fastify's own register options, for the plugin's routes.
+  prefix: Type.Optional(Type.String({ pattern: '^(/\\S*)?$', errorMessage: "must be a path starting with '/'" })),
+  logLevel: Type.Optional(Type.Enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])),
   ...routeSettings,
   ...optionalSettings
 }, { additionalProperties: false })
@@ -78,18 +140,40 @@ export type FastifyWstunnelOptions = Partial<Static<typeof OptionsSchema>> & { r
 
 type RouteSettings = { [K in keyof typeof routeSettings]: Static<(typeof routeSettings)[K]> }
 
-/** A TCP or unix-socket address, parsed once. */
-export type UpstreamTarget = { host: string, port: number, label: string } | { path: string, label: string }
+/** A TCP or unix-socket address, parsed once, with its TLS settings (null: plain). */
+export type UpstreamTarget = ({ host: string, port: number } | { path: string }) & { label: string, tls: ConnectionOptions | null }
+
+export type TokenSourceName = Static<typeof TokenSource>
+
+/** A route's per-request target, compiled: a token table, or a query parameter behind an allow-list. */
+export type TargetSpec =
+  | {
+    from: 'token'
+    /** The tokens given inline; they win over the file's. */
+    tokens: Map<string, UpstreamTarget[]>
+    tokensFile: string | null
+    /** The file's tokens as read at registration. */
+    fileTokens: Map<string, UpstreamTarget[]>
+    sources: TokenSourceName[]
+    name: string
+  }
+  | { from: 'query', param: string, allow: AllowList }
 
 /** A route's options with the plugin's defaults applied, its upstreams parsed and its origins compiled. */
 export interface ResolvedRoute extends RouteSettings {
   path: string
   /** For clients that ask for no sub-protocol (or when the route has no sub-protocol map). */
-  upstream: UpstreamTarget | null
+  upstreams: UpstreamTarget[] | null
   /** The accepted sub-protocols in the server's order of preference; empty when the route names none. */
   subprotocols: string[]
-  /** When `subprotocols` is a map: the upstream of each. */
-  upstreamBySubprotocol: Map<string, UpstreamTarget> | null
+  /** When `subprotocols` is a map: the upstreams of each. */
+  upstreamBySubprotocol: Map<string, UpstreamTarget[]> | null
+  /** When the target is chosen per request from the request itself. */
+  target: TargetSpec | null
+  resolveUpstream: ResolveUpstream | null
+  /** The route's TLS settings, for upstreams chosen per request. */
+  tls: ConnectionOptions | null
+  healthCheck: { interval: number } | null
   origins: OriginMatcher | null
   /** The names 'same-origin' trusts besides IP literals and localhost: lower-case, punycode. */
   hostnames: ReadonlySet<string>
@@ -99,15 +183,19 @@ export interface ResolvedRoute extends RouteSettings {
 export interface ResolvedOptions {
   /** The plugin-wide maxPayload: each route's own is on the route. */
   maxPayload: number
+  prefix: string
+  logLevel: Static<typeof OptionsSchema>['logLevel']
   routes: ResolvedRoute[]
 }
 
 const check = Compile(OptionsSchema)
+const checkRoute = Compile(RouteSchema)
+const checkTls = Compile(TlsSchema)
 // Value.Default trips over a Record with additionalProperties: false, and only top-level keys have defaults.
 const defaultSettings = Object.fromEntries(Object.entries(OptionsSchema.properties)
   .filter(([, schema]) => 'default' in schema).map(([key, schema]) => [key, (schema as unknown as { default: unknown }).default]))
 
-/** Validates raw options, applies defaults and parses upstreams.
+/** Validates raw options, applies defaults, parses upstreams and reads the files they name.
  *  Throws one FST_WSTUNNEL_INVALID_OPTIONS error listing every problem. */
 export function resolveOptions (raw: unknown): ResolvedOptions {
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
@@ -123,46 +211,107 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   // Checks the schema cannot express; each is safe on any input, so every problem is reported at once.
   const defaultHostnames = compileHostnames(options.hostnames, 'hostnames', problems)
   if (options.origins !== undefined) compileOrigins(options.origins, 'origins', problems, defaultHostnames) // reported once, even with no routes
-  const compiled = new Map<string, { origins: OriginMatcher | null, hostnames: ReadonlySet<string> }>()
+  const defaultTls = checkTls.Check(options.tls) ? resolveTls(options.tls, null, 'tls', problems) : null
+  const resolved = new Map<string, Partial<ResolvedRoute>>()
   const routeEntries = isObject(options.routes) ? Object.entries(options.routes) : []
   for (const [path, route] of routeEntries) {
     if (!isObject(route)) continue
     const at = joinPath('routes', path)
-    if (route.upstream === undefined && !isObject(route.subprotocols)) {
-      problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream)`)
-    }
     const hostnames = route.hostnames === undefined ? defaultHostnames : compileHostnames(route.hostnames, `${at}.hostnames`, problems)
     // Compiled per route, as 'same-origin' needs the route's own hostnames.
     const [origins, originsAt] = route.origins === undefined ? [options.origins, 'origins'] : [route.origins, `${at}.origins`]
-    compiled.set(path, { origins: origins === undefined ? null : compileOrigins(origins, originsAt, problems, hostnames), hostnames })
+    resolved.set(path, {
+      origins: origins === undefined ? null : compileOrigins(origins, originsAt, problems, hostnames),
+      hostnames,
+      // The rest reads files and parses upstreams: only for a route whose shape is right.
+      ...(checkRoute.Check(route) ? resolveTargets(path, route, at, defaultTls, problems) : {})
+    })
   }
   if (problems.length > 0) throw new InvalidOptionsError([...new Set(problems)].join('\n'))
 
   const defaults: Record<string, unknown> = { ...options }
   delete defaults.routes
-  const routes = routeEntries.map(([path, route]): ResolvedRoute => {
-    const map = route.subprotocols !== undefined && !Array.isArray(route.subprotocols) ? route.subprotocols : null
-    return {
-      ...(defaults as RouteSettings),
-      ...route,
-      path,
-      upstream: route.upstream === undefined ? null : parseUpstream(route.upstream),
-      subprotocols: route.subprotocols === undefined ? [] : Array.isArray(route.subprotocols) ? route.subprotocols : Object.keys(route.subprotocols),
-      upstreamBySubprotocol: map === null ? null : new Map(Object.entries(map).map(([name, upstream]) => [name, parseUpstream(upstream)])),
-      origins: compiled.get(path)?.origins ?? null,
-      hostnames: compiled.get(path)?.hostnames ?? new Set(),
-      proxyProtocol: route.proxyProtocol ?? options.proxyProtocol ?? null
-    }
-  })
-  return { maxPayload: options.maxPayload, routes }
+  const routes = routeEntries.map(([path, route]): ResolvedRoute => ({
+    ...(defaults as RouteSettings),
+    ...route,
+    ...(resolved.get(path) as Omit<ResolvedRoute, keyof RouteSettings | 'proxyProtocol'>),
+    path,
+    subprotocols: route.subprotocols === undefined ? [] : Array.isArray(route.subprotocols) ? route.subprotocols : Object.keys(route.subprotocols),
+    healthCheck: route.healthCheck ?? options.healthCheck ?? null,
+    proxyProtocol: route.proxyProtocol ?? options.proxyProtocol ?? null
+  }))
+  return { maxPayload: options.maxPayload, prefix: options.prefix ?? '', logLevel: options.logLevel, routes }
+}
+
+type TargetParts = Pick<ResolvedRoute, 'upstreams' | 'upstreamBySubprotocol' | 'target' | 'resolveUpstream' | 'tls'>
+
+/** A route's upstreams, sub-protocol map, per-request target and TLS, each problem added to `problems`. */
+function resolveTargets (path: string, route: RouteOptions, at: string, defaultTls: ConnectionOptions | null, problems: string[]): TargetParts {
+  const tls = resolveTls(route.tls, defaultTls, `${at}.tls`, problems)
+  const map = route.subprotocols !== undefined && !Array.isArray(route.subprotocols) ? route.subprotocols : null
+  const ways = [route.upstream !== undefined || map !== null, route.target !== undefined, route.resolveUpstream !== undefined].filter(Boolean).length
+  if (ways === 0) problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream, or the route has a target or resolveUpstream)`)
+  if (ways > 1) problems.push(`${at}: give one of upstream (or a subprotocols map), target and resolveUpstream`)
+  if (route.resolveUpstream !== undefined && typeof route.resolveUpstream !== 'function') problems.push(`${at}.resolveUpstream: must be a function`)
+  let target: TargetSpec | null = null
+  if (route.target?.from === 'token') {
+    const sources = route.target.source === undefined ? ['query' as const] : Array.isArray(route.target.source) ? route.target.source : [route.target.source]
+    const name = route.target.name ?? 'token'
+    if (route.target.tokens === undefined && route.target.tokensFile === undefined) problems.push(`${at}.target: a token target needs tokens or tokensFile`)
+    if (sources.includes('path') && !path.split('/').includes(`:${name}`)) problems.push(`${at}.target.source: 'path' needs the route path to hold the segment ':${name}'`)
+    const tokens = new Map(Object.entries(route.target.tokens ?? {}).map(([token, upstreams]) =>
+      [token, parseUpstreams(upstreams, tls, `${at}.target.tokens${joinPath('', token)}`, problems)]))
+    const tokensFile = route.target.tokensFile ?? null
+    const fileTokens = tokensFile === null ? new Map() : readTokens(tokensFile, tls, problems)
+    target = { from: 'token', tokens, tokensFile, fileTokens, sources: [...new Set(sources)], name }
+  } else if (route.target?.from === 'query') {
+    if (route.target.allow === undefined) problems.push(`${at}.target.allow: is required: a query target without an allow-list would let any client reach any address`)
+    target = { from: 'query', param: route.target.param ?? 'address', allow: compileAllowList(route.target.allow ?? [], `${at}.target.allow`, problems) }
+  }
+  return {
+    tls,
+    target,
+    resolveUpstream: route.resolveUpstream ?? null,
+    upstreams: route.upstream === undefined ? null : parseUpstreams(route.upstream, tls, `${at}.upstream`, problems),
+    upstreamBySubprotocol: map === null
+      ? null
+      : new Map(Object.entries(map).map(([name, upstreams]) => [name, parseUpstreams(upstreams, tls, `${at}.subprotocols${joinPath('', name)}`, problems)]))
+  }
+}
+
+const checkUpstreams = Compile(UpstreamsSchema)
+
+/** Reads a websockify token file into a table; each bad line or upstream adds a problem naming the line. */
+export function readTokens (file: string, tls: ConnectionOptions | null, problems: string[]): Map<string, UpstreamTarget[]> {
+  const tokens = new Map<string, UpstreamTarget[]>()
+  for (const { token, upstream, line } of readTokenFile(file, problems)) {
+    if (!checkUpstreams.Check(upstream)) problems.push(`${file}:${line}: ${JSON.stringify(upstream)} is not 'host:port', '[ipv6]:port' or 'unix:/path'`)
+    else tokens.set(token, parseUpstreams(upstream, tls, `${file}:${line}`, problems))
+  }
+  return tokens
+}
+
+/** Checks and parses what resolveUpstream returned: an upstream or a list, in any accepted form. */
+export function parseResolvedUpstreams (value: unknown, tls: ConnectionOptions | null): UpstreamTarget[] | string {
+  if (!checkUpstreams.Check(value)) return describeErrors(UpstreamsSchema, allErrors(value, checkUpstreams)).join('; ')
+  const problems: string[] = []
+  const upstreams = parseUpstreams(value, tls, 'upstream', problems)
+  return problems.length > 0 ? problems.join('; ') : upstreams
+}
+
+/** Turns one upstream or a list into targets, each with its TLS settings over the route's. */
+export function parseUpstreams (upstreams: Static<typeof UpstreamsSchema>, tls: ConnectionOptions | null, at: string, problems: string[]): UpstreamTarget[] {
+  return Array.isArray(upstreams)
+    ? upstreams.map((upstream, index) => parseUpstream(upstream, tls, `${at}[${index}]`, problems))
+    : [parseUpstream(upstreams, tls, at, problems)]
 }
 
 /** Every problem, not only TypeBox's first eight; its process-wide setting is put back for the host app. */
-function allErrors (options: unknown): SchemaError[] {
+function allErrors (value: unknown, checker: { Errors: (value: unknown) => Iterable<unknown> } = check): SchemaError[] {
   const { maxErrors } = Settings.Get()
   Settings.Set({ maxErrors: 1000 })
   try {
-    return [...check.Errors(options)]
+    return [...checker.Errors(value)] as SchemaError[]
   } finally {
     Settings.Set({ maxErrors })
   }
@@ -177,17 +326,18 @@ function definedOnly (object: object): Record<string, unknown> {
   return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== undefined))
 }
 
-/** Turns any accepted upstream form into a target with a printable label. */
-export function parseUpstream (upstream: UpstreamOption): UpstreamTarget {
+/** Turns any accepted upstream form into a target with a printable label and its TLS settings. */
+export function parseUpstream (upstream: UpstreamOption, routeTls: ConnectionOptions | null = null, at = 'upstream', problems: string[] = []): UpstreamTarget {
   if (typeof upstream === 'object') {
-    if ('path' in upstream) return { path: upstream.path, label: `unix:${upstream.path}` }
+    const tls = resolveTls(upstream.tls, routeTls, `${at}.tls`, problems)
+    if ('path' in upstream) return { path: upstream.path, label: `unix:${upstream.path}`, tls }
     const host = upstream.host.replace(/^\[(.*)\]$/, '$1')
-    return { host, port: upstream.port, label: host.includes(':') ? `[${host}]:${upstream.port}` : `${host}:${upstream.port}` }
+    return { host, port: upstream.port, label: host.includes(':') ? `[${host}]:${upstream.port}` : `${host}:${upstream.port}`, tls }
   }
-  if (upstream.startsWith('unix:')) return { path: upstream.slice(5), label: upstream }
+  if (upstream.startsWith('unix:')) return { path: upstream.slice(5), label: upstream, tls: routeTls }
   const colon = upstream.lastIndexOf(':')
   const host = upstream.slice(0, colon).replace(/^\[(.*)\]$/, '$1')
-  return { host, port: Number(upstream.slice(colon + 1)), label: upstream }
+  return { host, port: Number(upstream.slice(colon + 1)), label: upstream, tls: routeTls }
 }
 
 function optional<T extends Record<string, TSchema>> (properties: T): { [K in keyof T]: ReturnType<typeof Type.Optional<T[K]>> } {
@@ -216,7 +366,9 @@ export function describeErrors (schema: TSchema, errors: SchemaError[]): string[
     const inside = errors.filter(error => error.schemaPath.startsWith(union.schemaPath + '/anyOf/') &&
       error.instancePath.startsWith(union.instancePath))
     const branchOf = (error: SchemaError) => error.schemaPath.slice(union.schemaPath.length + 7).split('/')[0]
-    const misshapen = new Set(inside.filter(error => error.instancePath === union.instancePath && error.keyword === 'type').map(branchOf))
+    // A branch is misshapen when its own type does not fit; a type error deeper down (a union inside) is not.
+    const misshapen = new Set(inside.filter(error => error.instancePath === union.instancePath && error.keyword === 'type' &&
+      error.schemaPath === `${union.schemaPath}/anyOf/${branchOf(error)}`).map(branchOf))
     // Of the branches whose type fits, the one whose errors reach deepest into the value is the one meant.
     let fitting: SchemaError | undefined
     for (const error of inside) {

@@ -2,6 +2,7 @@ import type { IncomingMessage } from 'node:http'
 import type { FastifyRequest, onRequestHookHandler } from 'fastify'
 import type { WebSocketServer } from 'ws'
 import { BadSubprotocolHeaderError, SubprotocolRefusedError } from './errors'
+import type { ResolvedRoute } from './options'
 
 const kChosen = Symbol('wstunnel.subprotocol')
 type RawWithChoice = IncomingMessage & { [kChosen]?: string | null }
@@ -35,10 +36,12 @@ export function isSubprotocolName (name: string): boolean {
 
 /** The route's sub-protocol choice, an onRequest hook: it refuses with 400 a malformed header, an offer with
  *  no accepted name, or no offer when one is required; else it records the choice for the handshake. */
-export function selectSubprotocol (route: { subprotocols: string[], requireSubprotocol: boolean, upstream: unknown }): onRequestHookHandler {
+export function selectSubprotocol (route: Pick<ResolvedRoute, 'subprotocols' | 'requireSubprotocol' | 'upstreams' | 'upstreamBySubprotocol' | 'target'>): onRequestHookHandler {
   const accepted = route.subprotocols.length > 0 ? route.subprotocols.join(', ') : '(none)'
   // With a sub-protocol map and no plain upstream, a client that names none has nowhere to go.
-  const required = route.requireSubprotocol || route.upstream === null
+  const required = route.requireSubprotocol || (route.upstreamBySubprotocol !== null && route.upstreams === null)
+  // A token sent as the entry '<name>.<token>' is a credential, not a sub-protocol: it is never chosen.
+  const bearer = route.target?.from === 'token' && route.target.sources.includes('subprotocol') ? route.target.name + '.' : null
   return function subprotocolChoice (request, _reply, done) {
     const header = request.headers['sec-websocket-protocol']
     let offered: string[] = []
@@ -48,6 +51,7 @@ export function selectSubprotocol (route: { subprotocols: string[], requireSubpr
       } catch (err) {
         return done(new BadSubprotocolHeaderError((err as Error).message))
       }
+      if (bearer !== null) offered = offered.filter(name => !name.startsWith(bearer))
     }
     let chosen: string | null = null
     if (offered.length > 0 && route.subprotocols.length > 0) {

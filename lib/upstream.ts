@@ -1,6 +1,7 @@
-import { connect, type Socket } from 'node:net'
+import { connect, isIP, type Socket } from 'node:net'
+import { connect as tlsConnect, TLSSocket } from 'node:tls'
 import type { UpstreamTarget } from './options'
-import { ShuttingDownError, UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
+import { ShuttingDownError } from './errors'
 import { SHARED_READ_BUFFER } from './read-buffer'
 
 // An upstream reads into the shared buffer (read-buffer.ts) while its reads are small. A large read means
@@ -46,8 +47,15 @@ function holdEarly (this: Socket, buffer: Buffer, length: number): boolean {
 }
 
 /** Hands the upstream's bytes to `reader` from now on, first those that came before, then resumes reading.
- *  `keeps`: the reader keeps large reads handed to it as owned (else they need no buffer of their own). */
+ *  `keeps`: the reader keeps large reads handed to it as owned (else they need no buffer of their own).
+ *  A TLS upstream is read the stream way: each decrypted chunk is handed on as not owned. */
 export function readUpstream (socket: Socket, reader: UpstreamReader, keeps: boolean): void {
+  if (socket instanceof TLSSocket) {
+    socket.on('data', function onTlsData (this: Socket, chunk: Buffer) {
+      if (reader.call(this, chunk, chunk.length, false) === false) this.pause()
+    })
+    return
+  }
   const reading = socket as ReadingSocket
   const early = reading[kEarly]
   reading[kReader] = reader
@@ -58,55 +66,81 @@ export function readUpstream (socket: Socket, reader: UpstreamReader, keeps: boo
   if (flowing) socket.resume()
 }
 
-/** Opens a TCP or unix-socket connection to the upstream, resolving once it is established. Rejects with a
- *  502 error if it is refused, a 504 error after `timeout` ms, or a 503 error if `signal` aborts first. */
+/** Why one connect attempt failed: the OS or TLS error code, or a timeout. */
+export class ConnectFailure extends Error {
+  constructor (readonly reason: string, readonly timedOut: boolean, options?: ErrorOptions) {
+    super(reason, options)
+  }
+}
+
+// Keep-alive finds a peer that vanished (a rebooted host) on a bridge that is otherwise idle.
+const KEEP_ALIVE_DELAY = 60000
+
+/** Opens a TCP, unix-socket or TLS connection to the upstream, resolving once it is established (for TLS, once
+ *  the certificate is verified). Host names are resolved at each connect, IPv6 and IPv4 tried as Node's
+ *  autoSelectFamily does. Rejects with a ConnectFailure (refused, TLS error, or no answer within `timeout` ms;
+ *  0: the OS's own), or a 503 error if `signal` aborts first. A PROXY `preamble` goes first, before any TLS. */
 export function connectUpstream (target: UpstreamTarget, timeout: number, preamble: Buffer | undefined, signal: AbortSignal): Promise<Socket> {
   return new Promise((resolve, reject) => {
     if (signal.aborted) return reject(new ShuttingDownError())
+    const secure = target.tls !== null
     // Node asks for the first buffer inside connect(), before `socket` is assigned.
     let created: ReadingSocket | undefined
-    const onread = { buffer: () => created?.[kOwn] ?? SHARED_READ_BUFFER, callback: onUpstreamRead }
-    const socket = created = ('path' in target
+    const onread = secure ? undefined : { buffer: () => created?.[kOwn] ?? SHARED_READ_BUFFER, callback: onUpstreamRead }
+    const raw = created = ('path' in target
       ? connect({ path: target.path, onread })
-      : connect({ host: target.host, port: target.port, noDelay: true, onread })) as ReadingSocket
-    socket[kReader] = holdEarly
-    socket[kEarly] = null
-    socket[kOwn] = null
-    socket[kKeeps] = false
+      : connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: KEEP_ALIVE_DELAY, autoSelectFamily: true, onread })) as ReadingSocket
+    raw[kReader] = holdEarly
+    raw[kEarly] = null
+    raw[kOwn] = null
+    raw[kKeeps] = false
     // From here on an error needs a listener, whoever else listens: until a bridge adopts the upstream
     // (a reset while the upgrade completes), nothing else does, and the socket destroys itself.
-    socket.on('error', ignore)
-    // The socket timeout doubles as the connect timeout; the bridge later reuses it for idleTimeout.
-    if (timeout > 0) socket.setTimeout(timeout)
+    raw.on('error', ignore)
+    let socket: Socket = raw
+    const timer = timeout > 0 ? setTimeout(() => { settle(new ConnectFailure(`timed out after ${timeout} ms`, true)) }, timeout) : null
     function settle (error: Error | null): void {
-      socket.removeListener('connect', onConnect)
+      if (timer !== null) clearTimeout(timer)
+      raw.removeListener('connect', onConnect)
+      socket.removeListener('secureConnect', onSecure)
       socket.removeListener('error', onError)
-      socket.removeListener('timeout', onTimeout)
       signal.removeEventListener('abort', onAbort)
       if (error === null) return
       socket.destroy()
+      raw.destroy()
       reject(error)
     }
     function onConnect (): void {
+      if (preamble !== undefined) raw.write(preamble)
+      if (!secure) {
+        settle(null)
+        return resolve(raw)
+      }
+      raw.removeListener('error', onError)
+      socket = tlsConnect({ ...target.tls, socket: raw, servername: target.tls?.servername ?? servernameOf(target) })
+      socket.on('error', ignore)
+      socket.once('secureConnect', onSecure)
+      socket.once('error', onError)
+    }
+    function onSecure (): void {
       settle(null)
-      socket.setTimeout(0)
-      if (preamble !== undefined) socket.write(preamble)
       resolve(socket)
     }
     function onError (err: NodeJS.ErrnoException): void {
-      settle(new UpstreamUnreachableError(target.label, err.code ?? err.message, { cause: err }))
-    }
-    function onTimeout (): void {
-      settle(new UpstreamTimeoutError(target.label, timeout))
+      settle(new ConnectFailure(err.code ?? err.message, false, { cause: err }))
     }
     function onAbort (): void {
       settle(new ShuttingDownError())
     }
-    socket.once('connect', onConnect)
-    socket.once('error', onError)
-    socket.once('timeout', onTimeout)
+    raw.once('connect', onConnect)
+    raw.once('error', onError)
     signal.addEventListener('abort', onAbort)
   })
+}
+
+/** SNI names a host, never an address (RFC 6066 section 3). */
+function servernameOf (target: UpstreamTarget): string | undefined {
+  return 'host' in target && isIP(target.host) === 0 ? target.host : undefined
 }
 
 function ignore (): void {}

@@ -144,7 +144,7 @@ test('bytes an upstream sends before a bridge adopts it are kept, and come first
     setTimeout(() => socket.write('banner 2\n'), 20)
   })
   t.after(() => server.close())
-  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, new AbortController().signal)
+  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address, tls: null }, 1000, undefined, new AbortController().signal)
   t.after(() => upstream.destroy())
   await new Promise(resolve => setTimeout(resolve, 100)) // both banners reach the gateway before anyone reads
   const received: string[] = []
@@ -157,7 +157,7 @@ test('a large upstream read is handed on to keep, and nothing ever reads into th
   const sent = randomBytes(4 * 1024 * 1024)
   const server = await startTcp(socket => { socket.end(sent) })
   t.after(() => server.close())
-  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, new AbortController().signal)
+  const upstream = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address, tls: null }, 1000, undefined, new AbortController().signal)
   t.after(() => upstream.destroy())
   const kept: Array<{ at: number, bytes: Buffer }> = []
   const copies: Buffer[] = []
@@ -183,7 +183,7 @@ test('a reader that keeps nothing is never handed a read to keep; one that throw
   const server = await startTcp(socket => { socket.end(sent) })
   t.after(() => server.close())
   const signal = new AbortController().signal
-  const plain = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, signal)
+  const plain = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address, tls: null }, 1000, undefined, signal)
   t.after(() => plain.destroy())
   let received = 0
   let owned = 0
@@ -191,7 +191,7 @@ test('a reader that keeps nothing is never handed a read to keep; one that throw
   await waitFor(() => received === sent.length, 8000)
   assert.equal(owned, 0)
 
-  const throwing = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address }, 1000, undefined, signal)
+  const throwing = await connectUpstream({ host: '127.0.0.1', port: server.port, label: server.address, tls: null }, 1000, undefined, signal)
   const errors: Error[] = []
   throwing.on('error', err => errors.push(err))
   readUpstream(throwing, (_buffer, _length, keep) => { if (keep) throw new Error('reader failed'); return true }, true)

@@ -1,0 +1,218 @@
+import { connect, type Socket } from 'node:net'
+import type { FastifyBaseLogger } from 'fastify'
+import type { ResolvedRoute, UpstreamTarget } from './options'
+import { ConnectFailure, connectUpstream } from './upstream'
+import { UpstreamTimeoutError, UpstreamUnreachableError } from './errors'
+
+/** An upstream's state as `fastify.wstunnel.upstreams()` reports it. */
+export interface UpstreamStatus {
+  upstream: string
+  state: 'up' | 'down'
+  /** Open bridged connections to it. */
+  connections: number
+  /** Failed connects in a row. */
+  failures: number
+  lastError: string | null
+  tls: boolean
+}
+
+/** One upstream of a route, with its passive health. */
+export class UpstreamEntry {
+  connections = 0
+  connecting = 0
+  failures = 0
+  down = false
+  /** When a down upstream may be tried again, before the others that are down. */
+  retryAt = 0
+  backoff = 0
+  lastError: string | null = null
+  checking = false
+
+  constructor (readonly target: UpstreamTarget, readonly dynamic: boolean) {}
+
+  status (): UpstreamStatus {
+    const { label, tls } = this.target
+    return { upstream: label, state: this.down ? 'down' : 'up', connections: this.connections, failures: this.failures, lastError: this.lastError, tls: tls !== null }
+  }
+}
+
+// Upstreams chosen per request (query targets, resolveUpstream) are remembered while they are in use or down,
+// and at most this many: so a client naming many addresses cannot grow the table without bound.
+const DYNAMIC_LIMIT = 1024
+
+/** A route's upstreams: which to try first (balance), and what each connect taught (passive health). */
+export class RoutePool {
+  private readonly entries = new Map<string, UpstreamEntry>()
+  private dynamicCount = 0
+  private turn = 0
+  private checkTimer: NodeJS.Timeout | null = null
+
+  constructor (readonly route: ResolvedRoute, staticTargets: UpstreamTarget[], private readonly log: FastifyBaseLogger) {
+    for (const target of staticTargets) this.entry(target, false)
+  }
+
+  /** The entries for these targets, created on first use. */
+  entriesFor (targets: UpstreamTarget[], dynamic: boolean): UpstreamEntry[] {
+    return targets.map(target => this.entry(target, dynamic))
+  }
+
+  private entry (target: UpstreamTarget, dynamic: boolean): UpstreamEntry {
+    const key = target.label + (target.tls === null ? '' : ' tls')
+    let entry = this.entries.get(key)
+    if (entry === undefined) {
+      if (dynamic && ++this.dynamicCount > DYNAMIC_LIMIT) this.evictDynamic()
+      entry = new UpstreamEntry(target, dynamic)
+      this.entries.set(key, entry)
+    }
+    return entry
+  }
+
+  private evictDynamic (): void {
+    for (const [key, entry] of this.entries) {
+      if (entry.dynamic && entry.connections === 0 && entry.connecting === 0) {
+        this.entries.delete(key)
+        if (--this.dynamicCount <= DYNAMIC_LIMIT) return
+      }
+    }
+  }
+
+  /** Forgets a dynamic entry once nothing uses it and it is healthy. */
+  private release (entry: UpstreamEntry): void {
+    if (!entry.dynamic || entry.connections > 0 || entry.connecting > 0 || entry.down || entry.failures > 0) return
+    const key = entry.target.label + (entry.target.tls === null ? '' : ' tls')
+    if (this.entries.get(key) === entry) {
+      this.entries.delete(key)
+      this.dynamicCount--
+    }
+  }
+
+  /** The order to try `entries` in: those up (or due a retry) by the route's policy, then those down,
+   *  soonest retry first, since a down upstream is still tried when all are down. */
+  order (entries: UpstreamEntry[], clientIp: string): UpstreamEntry[] {
+    const count = entries.length
+    if (count === 1) return entries
+    const now = Date.now()
+    const policy = this.route.balance
+    let start = 0
+    if (policy === 'round-robin') start = this.turn++ % count
+    else if (policy === 'random') start = Math.floor(Math.random() * count)
+    else if (policy === 'client-ip') start = hash(clientIp) % count
+    const rotated = start === 0 ? entries : [...entries.slice(start), ...entries.slice(0, start)]
+    const up: UpstreamEntry[] = []
+    const down: UpstreamEntry[] = []
+    for (const entry of rotated) (entry.down && entry.retryAt > now ? down : up).push(entry)
+    // A stable sort keeps the rotation among equals, so ties still take turns.
+    if (policy === 'least-connections') {
+      this.turn++
+      up.sort((a, b) => (a.connections + a.connecting) - (b.connections + b.connecting))
+    }
+    down.sort((a, b) => a.retryAt - b.retryAt)
+    return down.length === 0 ? up : [...up, ...down]
+  }
+
+  /** Connects to the first of `entries` (in `order`) that accepts, within one connectTimeout for them all:
+   *  each attempt gets an equal share of what is left. Rejects with 502, or 504 when every attempt timed
+   *  out, naming each upstream tried and its error; with 503 if `signal` aborts. */
+  async connect (entries: UpstreamEntry[], preamble: Buffer | undefined, signal: AbortSignal): Promise<{ socket: Socket, entry: UpstreamEntry }> {
+    const budget = this.route.connectTimeout
+    const deadline = Date.now() + budget
+    const tried: string[] = []
+    let allTimedOut = true
+    for (let index = 0; index < entries.length; index++) {
+      const entry = entries[index]
+      const left = deadline - Date.now()
+      if (budget > 0 && left <= 0) break
+      const timeout = budget > 0 ? Math.max(1, Math.floor(left / (entries.length - index))) : 0
+      entry.connecting++
+      try {
+        const socket = await connectUpstream(entry.target, timeout, preamble, signal)
+        entry.connecting--
+        this.succeeded(entry)
+        entry.connections++
+        socket.once('close', () => {
+          entry.connections--
+          this.release(entry)
+        })
+        return { socket, entry }
+      } catch (err) {
+        entry.connecting--
+        if (!(err instanceof ConnectFailure)) throw err // shutting down
+        const reason = err.reason
+        allTimedOut &&= err.timedOut
+        tried.push(`${entry.target.label} ${reason}`)
+        this.failed(entry, reason)
+      }
+    }
+    const details = tried.length === 0 ? 'no time left to try' : tried.join(', ')
+    throw allTimedOut
+      ? new UpstreamTimeoutError(details, tried.length, entries.length)
+      : new UpstreamUnreachableError(details, tried.length, entries.length)
+  }
+
+  private succeeded (entry: UpstreamEntry): void {
+    if (entry.down) this.log.info({ route: this.route.path, upstream: entry.target.label }, 'wstunnel upstream up')
+    entry.down = false
+    entry.failures = 0
+    entry.backoff = 0
+    this.release(entry)
+  }
+
+  private failed (entry: UpstreamEntry, reason: string): void {
+    entry.failures++
+    entry.lastError = reason
+    if (entry.down) {
+      entry.backoff = Math.min(entry.backoff * 2, this.route.failBackoffMax)
+    } else if (entry.failures >= this.route.maxFailures) {
+      entry.down = true
+      entry.backoff = Math.min(this.route.failBackoff, this.route.failBackoffMax)
+      this.log.info({ route: this.route.path, upstream: entry.target.label, failures: entry.failures, lastError: reason, retryInMs: entry.backoff }, 'wstunnel upstream down')
+    } else {
+      return
+    }
+    entry.retryAt = Date.now() + entry.backoff
+  }
+
+  /** Every upstream the route knows, with its state. */
+  status (): UpstreamStatus[] {
+    return [...this.entries.values()].map(entry => entry.status())
+  }
+
+  /** Starts the active health check: a TCP connect to each configured upstream at every interval. */
+  startChecks (interval: number): void {
+    this.checkTimer = setInterval(() => { this.checkAll(interval) }, interval).unref()
+  }
+
+  private checkAll (interval: number): void {
+    const timeout = this.route.connectTimeout > 0 ? Math.min(this.route.connectTimeout, interval) : interval
+    for (const entry of this.entries.values()) {
+      if (entry.dynamic || entry.checking) continue
+      entry.checking = true
+      const target = entry.target
+      const socket = 'path' in target ? connect({ path: target.path }) : connect({ host: target.host, port: target.port })
+      const timer = setTimeout(() => { socket.destroy(new Error('ETIMEDOUT')) }, timeout)
+      socket.once('connect', () => {
+        clearTimeout(timer)
+        entry.checking = false
+        socket.destroy()
+        this.succeeded(entry)
+      })
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        clearTimeout(timer)
+        entry.checking = false
+        this.failed(entry, `health check: ${err.code ?? err.message}`)
+      })
+    }
+  }
+
+  /** Stops the health check. */
+  close (): void {
+    if (this.checkTimer !== null) clearInterval(this.checkTimer)
+  }
+}
+
+/** FNV-1a: a client address to a stable number. */
+function hash (text: string): number {
+  let value = 0x811c9dc5
+  for (let index = 0; index < text.length; index++) value = Math.imul(value ^ text.charCodeAt(index), 0x01000193)
+  return value >>> 0
+}
