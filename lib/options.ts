@@ -258,6 +258,7 @@ function resolveTargets (path: string, route: RouteOptions, at: string, defaultT
     const sources = route.target.source === undefined ? ['query' as const] : Array.isArray(route.target.source) ? route.target.source : [route.target.source]
     const name = route.target.name ?? 'token'
     if (route.target.tokens === undefined && route.target.tokensFile === undefined) problems.push(`${at}.target: a token target needs tokens or tokensFile`)
+    if (sources.includes('subprotocol') && !Array.isArray(route.subprotocols)) problems.push(`${at}.target.source: 'subprotocol' needs the route to list its sub-protocols (subprotocols), as the token entry is never answered and clients fail a handshake answered with none`)
     if (sources.includes('path') && !path.split('/').includes(`:${name}`)) problems.push(`${at}.target.source: 'path' needs the route path to hold the segment ':${name}'`)
     const tokens = new Map(Object.entries(route.target.tokens ?? {}).map(([token, upstreams]) =>
       [token, parseUpstreams(upstreams, tls, `${at}.target.tokens${joinPath('', token)}`, problems)]))

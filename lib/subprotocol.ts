@@ -51,7 +51,11 @@ export function selectSubprotocol (route: Pick<ResolvedRoute, 'subprotocols' | '
       } catch (err) {
         return done(new BadSubprotocolHeaderError((err as Error).message))
       }
-      if (bearer !== null) offered = offered.filter(name => !name.startsWith(bearer))
+      if (bearer !== null) {
+        offered = offered.filter(name => !name.startsWith(bearer))
+        // A client that offered sub-protocols fails a handshake answered with none (RFC 6455 section 4.1).
+        if (offered.length === 0) return done(new SubprotocolRefusedError(`offer a sub-protocol besides the ${route.target?.from === 'token' ? route.target.name : ''}.<token> entry, which is never answered`, accepted))
+      }
     }
     let chosen: string | null = null
     if (offered.length > 0 && route.subprotocols.length > 0) {
