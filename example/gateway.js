@@ -1,6 +1,7 @@
 'use strict'
 
-// A gateway on http://127.0.0.1:8080 with two built-in TCP backends and a page that uses both.
+// A gateway on http://127.0.0.1:8080 with built-in TCP backends (two echo servers balanced round-robin,
+// a chat room) and a page that uses them and shows the upstreams' state.
 // PORT and HOST override where it listens.
 const { readFileSync } = require('node:fs')
 const { join } = require('node:path')
@@ -10,20 +11,21 @@ const wstunnel = require('..')
 const { startEchoServer, startChatServer } = require('./backends')
 
 async function main () {
-  const echo = await startEchoServer()
+  const echoes = [await startEchoServer(), await startEchoServer()]
   const chat = await startChatServer()
   const app = Fastify({ logger: true })
 
   await app.register(wstunnel, {
     routes: {
-      '/echo': { upstream: { host: '127.0.0.1', port: echo.address().port }, frame: 'text' },
+      '/echo': { upstream: echoes.map(echo => ({ host: '127.0.0.1', port: echo.address().port })), frame: 'text' },
       '/chat': { upstream: `127.0.0.1:${chat.address().port}`, frame: 'text', idleTimeout: 300000 }
     }
   })
   const page = readFileSync(join(__dirname, 'index.html'))
   app.get('/', (_request, reply) => reply.type('text/html; charset=utf-8').send(page))
+  app.get('/upstreams', async () => app.wstunnel.upstreams())
   app.addHook('onClose', async () => {
-    echo.close()
+    for (const echo of echoes) echo.close()
     chat.close()
   })
 

@@ -40,6 +40,12 @@ test('the example gateway serves its page and bridges the echo and chat backends
   await waitFor(() => /guest2: hi alice ✓\n/.test(texts(alice).join('')))
   await waitFor(() => /guest2: hi alice ✓\n/.test(texts(bob).join('')))
 
+  const upstreams = await (await fetch(base + '/upstreams')).json() as Record<string, Array<{ state: string, connections: number }>>
+  assert.equal(upstreams['/echo'].length, 2)
+  assert.deepEqual(upstreams['/echo'].map(entry => entry.state), ['up', 'up'])
+  assert.equal(upstreams['/chat'][0].connections, 2)
+  assert.match(html, /\/upstreams/)
+
   for (const ws of [echo, alice, bob]) ws.close()
   child.kill('SIGTERM')
   const [code] = await once(child, 'exit') as [number | null]

@@ -5,6 +5,8 @@ import type {
   UpstreamOption as Upstream
 } from '../dist/options'
 import type { WstunnelDecorator as Decorator } from '../dist/index'
+import type { UpstreamStatus as Status } from '../dist/upstream-pool'
+import type { ResolveUpstream as Resolve } from '../dist/target'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -21,8 +23,12 @@ declare namespace fastifyWstunnel {
   export type RouteOptions = Route
   /** 'host:port', '[ipv6]:port', 'unix:/path', { host, port } or { path }. */
   export type UpstreamOption = Upstream
-  /** `fastify.wstunnel`: open connections and buffered bytes. */
+  /** `fastify.wstunnel`: open connections, buffered bytes, and each route's upstreams. */
   export type WstunnelDecorator = Decorator
+  /** One upstream's state in `fastify.wstunnel.upstreams()`. */
+  export type UpstreamStatus = Status
+  /** A route's `resolveUpstream`: (request) => upstream | upstream[] | null, or a promise of one. */
+  export type ResolveUpstream = Resolve
   export const fastifyWstunnel: FastifyWstunnel
   export { fastifyWstunnel as default }
 }

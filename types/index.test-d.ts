@@ -1,6 +1,6 @@
 import Fastify from 'fastify'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
-import wstunnel, { fastifyWstunnel, type FastifyWstunnelOptions, type UpstreamOption } from '..'
+import wstunnel, { fastifyWstunnel, type FastifyWstunnelOptions, type UpstreamOption, type UpstreamStatus } from '..'
 
 const app = Fastify()
 
@@ -23,7 +23,28 @@ app.register(wstunnel, {
   maxPayload: undefined
 })
 
+app.register(wstunnel, {
+  prefix: '/tunnel',
+  balance: 'least-connections',
+  maxFailures: 2,
+  failBackoff: 500,
+  failBackoffMax: 10000,
+  healthCheck: { interval: 5000 },
+  tls: { ca: '/etc/ssl/ca.pem' },
+  routes: {
+    '/pool': { upstream: ['10.0.0.1:9000', { host: '10.0.0.2', port: 9000, tls: { servername: 'db', rejectUnauthorized: true } }], balance: 'client-ip' },
+    '/vnc': { target: { from: 'token', tokens: { vm1: '10.0.0.5:5900', vm2: ['10.0.0.6:5900', '10.0.0.7:5900'] }, tokensFile: '/etc/tokens.cfg', source: ['subprotocol', 'cookie'] }, subprotocols: ['binary'] },
+    '/db': { target: { from: 'query', param: 'address', allow: ['127.0.0.1:5432', '10.0.0.0/8:5432'] } },
+    '/vm/:id': { resolveUpstream: async (request) => (request.params as { id: string }).id === '1' ? '10.0.0.5:5900' : null },
+    '/sync': { resolveUpstream: () => [{ path: '/run/a.sock' }] }
+  }
+})
+
 expectError(app.register(wstunnel, { routes: { '/x': { upstream: 5900 } } }))
+expectError(app.register(wstunnel, { routes: { '/x': { upstream: '127.0.0.1:1', balance: 'fastest' } } }))
+expectError(app.register(wstunnel, { routes: { '/x': { target: { from: 'token', source: 'header' } } } }))
+expectError(app.register(wstunnel, { routes: { '/x': { target: { from: 'dns' } } } }))
+expectError(app.register(wstunnel, { routes: { '/x': { resolveUpstream: () => 5900 } } }))
 expectError(app.register(wstunnel, { routes: { '/x': { upstream: '127.0.0.1:1', frame: 'hex' } } }))
 expectError(app.register(wstunnel, { routes: { '/x': { upstream: '127.0.0.1:1', colour: 'red' } } }))
 expectError(app.register(wstunnel, {}))
@@ -36,3 +57,5 @@ expectAssignable<FastifyWstunnelOptions>({ routes: {}, idleTimeout: 1000 })
 
 expectType<number>(app.wstunnel.connections)
 expectType<number>(app.wstunnel.bufferedBytes())
+expectType<Record<string, UpstreamStatus[]>>(app.wstunnel.upstreams())
+expectType<'up' | 'down'>(app.wstunnel.upstreams()['/x'][0].state)
