@@ -220,6 +220,7 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     const hostnames = route.hostnames === undefined ? defaultHostnames : compileHostnames(route.hostnames, `${at}.hostnames`, problems)
     // Compiled per route, as 'same-origin' needs the route's own hostnames.
     const [origins, originsAt] = route.origins === undefined ? [options.origins, 'origins'] : [route.origins, `${at}.origins`]
+    checkWays(route, at, problems)
     resolved.set(path, {
       origins: origins === undefined ? null : compileOrigins(origins, originsAt, problems, hostnames),
       hostnames,
@@ -243,16 +244,20 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   return { maxPayload: options.maxPayload, prefix: options.prefix ?? '', logLevel: options.logLevel, routes }
 }
 
+/** A route reaches its upstream one way: `upstream` (or a sub-protocol map), `target` or `resolveUpstream`. */
+function checkWays (route: Record<string, unknown>, at: string, problems: string[]): void {
+  const ways = [route.upstream !== undefined || isObject(route.subprotocols), route.target !== undefined, route.resolveUpstream !== undefined].filter(Boolean).length
+  if (ways === 0) problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream, or the route has a target or resolveUpstream)`)
+  if (ways > 1) problems.push(`${at}: give one of upstream (or a subprotocols map), target and resolveUpstream`)
+  if (route.resolveUpstream !== undefined && typeof route.resolveUpstream !== 'function') problems.push(`${at}.resolveUpstream: must be a function`)
+}
+
 type TargetParts = Pick<ResolvedRoute, 'upstreams' | 'upstreamBySubprotocol' | 'target' | 'resolveUpstream' | 'tls'>
 
 /** A route's upstreams, sub-protocol map, per-request target and TLS, each problem added to `problems`. */
 function resolveTargets (path: string, route: RouteOptions, at: string, defaultTls: ConnectionOptions | null, problems: string[]): TargetParts {
   const tls = resolveTls(route.tls, defaultTls, `${at}.tls`, problems)
   const map = route.subprotocols !== undefined && !Array.isArray(route.subprotocols) ? route.subprotocols : null
-  const ways = [route.upstream !== undefined || map !== null, route.target !== undefined, route.resolveUpstream !== undefined].filter(Boolean).length
-  if (ways === 0) problems.push(`${at}.upstream: is required (unless subprotocols maps each sub-protocol to an upstream, or the route has a target or resolveUpstream)`)
-  if (ways > 1) problems.push(`${at}: give one of upstream (or a subprotocols map), target and resolveUpstream`)
-  if (route.resolveUpstream !== undefined && typeof route.resolveUpstream !== 'function') problems.push(`${at}.resolveUpstream: must be a function`)
   let target: TargetSpec | null = null
   if (route.target?.from === 'token') {
     const sources = route.target.source === undefined ? ['query' as const] : Array.isArray(route.target.source) ? route.target.source : [route.target.source]
