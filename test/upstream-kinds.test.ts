@@ -149,3 +149,41 @@ test('two registrations under different prefixes share nothing: routes, upstream
   b.close()
   await waitFor(() => gateway.app.wstunnel.connections === 0)
 })
+
+test('with proxyProtocol, a TLS upstream gets the PROXY header in the clear, then the TLS handshake', { timeout: 20000 }, async (t) => {
+  const { readFileSync } = await import('node:fs')
+  const { TLSSocket } = await import('node:tls')
+  const headers: string[] = []
+  const sockets = new Set<Socket>()
+  // What HAProxy's accept-proxy with ssl does: read the PROXY line, then speak TLS on the rest.
+  const server = createServer((raw) => {
+    sockets.add(raw)
+    raw.on('error', () => {})
+    raw.once('readable', () => {
+      const head = raw.read() as Buffer
+      const end = head.indexOf('\r\n')
+      headers.push(head.subarray(0, end).toString())
+      raw.unshift(head.subarray(end + 2))
+      const secure = new TLSSocket(raw, { isServer: true, key: readFileSync(keyFile), cert: readFileSync(certFile) })
+      secure.on('error', () => {})
+      secure.on('secure', () => { secure.write('secure\n') })
+      secure.pipe(secure)
+    })
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const port = (server.address() as { port: number }).port
+  const gateway = await startGateway({ routes: { '/pp': { upstream: `localhost:${port}`, proxyProtocol: 'v1', tls: { ca: certFile } } } })
+  t.after(async () => {
+    await gateway.app.close()
+    for (const socket of sockets) socket.destroy()
+    await new Promise(resolve => server.close(resolve))
+  })
+
+  const ws = await openClient(`${gateway.url}/pp`)
+  ws.send('hello')
+  const received = await receiveBytes(ws, 'secure\nhello'.length)
+  assert.equal(received.toString(), 'secure\nhello')
+  assert.match(headers[0], /^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ \d+$/)
+  ws.close()
+})
