@@ -2,7 +2,7 @@ import { BlockList, isIP, isIPv4, isIPv6 } from 'node:net'
 import { lookup as dnsLookup } from 'node:dns/promises'
 
 /** One compiled entry: the ports it opens, and the addresses (one subnet) or the names (one pattern) it covers. */
-type Rule = { low: number, high: number } & ({ family: 'ipv4' | 'ipv6', addresses: BlockList } | { family: 'name', name: RegExp })
+type Rule = { low: number, high: number } & ({ family: 'ipv4' | 'ipv6', addresses: BlockList } | { family: 'name', labels: string[][] })
 
 /** A compiled allow-list; opaque to callers, who only pass it to allowedAddresses. */
 export interface AllowList { readonly rules: readonly Rule[] }
@@ -15,6 +15,7 @@ const ENTRY = /^(?:\[([^\]]+)\]|([^[\]:]+)):(\*|\d{1,5}(?:-\d{1,5})?)$/
 const TARGET = /^(?:\[([^\]]+)\]|([^[\]:]+)):(\d{1,5})$/
 const FORBIDDEN = /[\s\p{Cc}/\\@%#?]/u
 const PATTERN_LABEL = /^[a-z0-9_*-]+$/
+const LABEL = /^[a-z0-9_-]+$/
 // A last label like '1' or '0x7f' makes getaddrinfo (and URL) read the whole name as an IPv4 address.
 const NUMERIC_LABEL = /(?:^|\.)(?:\d+|0x[0-9a-f]*)$/
 const MAPPED = /^\[::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})\]$/
@@ -58,8 +59,27 @@ function compileName (host: string, ports: { low: number, high: number }): Rule 
   const name = host.toLowerCase().replace(/\.$/, '')
   const labels = name.split('.')
   if (!labels.every(label => PATTERN_LABEL.test(label)) || NUMERIC_LABEL.test(name)) return null
-  const source = labels.map(label => label.replaceAll('*', '[a-z0-9_-]+')).join('\\.')
-  return { ...ports, family: 'name', name: new RegExp(`^${source}$`) }
+  return { ...ports, family: 'name', labels: labels.map(label => label.split('*')) }
+}
+
+/** Does a name match a pattern, label by label? Each '*' takes one or more of [a-z0-9_-] and no dot. Matched
+ *  left to right with indexOf, without backtracking: a request's length cannot make it slow. */
+function matchName (pattern: string[][], name: string): boolean {
+  const labels = name.split('.')
+  return labels.length === pattern.length && pattern.every((parts, index) => matchLabel(parts, labels[index]))
+}
+
+function matchLabel (parts: string[], label: string): boolean {
+  if (parts.length === 1) return label === parts[0]
+  if (!LABEL.test(label) || !label.startsWith(parts[0])) return false
+  let position = parts[0].length
+  for (let index = 1; index < parts.length - 1; index++) {
+    const found = label.indexOf(parts[index], position + 1) // the '*' before it takes at least one character
+    if (found === -1) return false
+    position = found + parts[index].length
+  }
+  const last = parts[parts.length - 1]
+  return label.length - last.length > position && label.endsWith(last)
 }
 
 /** Parses a requested target 'host:port' or '[ipv6]:port' (port 1..65535); null if malformed.
@@ -70,6 +90,8 @@ export function parseTargetAddress (value: string): { host: string, port: number
   const port = Number(match[3])
   const host = match[1]?.toLowerCase() ?? match[2].toLowerCase().replace(/\.$/, '')
   if (match[1] !== undefined && !isIPv6(host)) return null
+  // DNS's limits (RFC 1035 section 2.3.4): a longer name cannot resolve, and is refused before any work.
+  if (host.length > 253 || host.split('.').some(label => label.length > 63)) return null
   return host === '' || port < 1 || port > 65535 ? null : { host, port }
 }
 
@@ -84,7 +106,7 @@ export async function allowedAddresses (list: AllowList, target: { host: string,
     return ip === null ? [] : [{ host: ip, port }]
   }
   const byName = !NUMERIC_LABEL.test(host) && list.rules.some(rule =>
-    rule.family === 'name' && port >= rule.low && port <= rule.high && rule.name.test(host))
+    rule.family === 'name' && port >= rule.low && port <= rule.high && matchName(rule.labels, host))
   if (byName) return [{ host, port }]
   let resolved: Array<{ address: string }>
   try {

@@ -204,3 +204,24 @@ test('parseTargetAddress', () => {
     '[1.2.3.4]:80', '[gw.example]:80', '[::1]]:80', 'a:b:80']
   for (const value of bad) assert.equal(parseTargetAddress(value), null, JSON.stringify(value))
 })
+
+test('globs match without backtracking, and names longer than DNS allows are refused as malformed', { timeout: 10000 }, async () => {
+  const problems: string[] = []
+  const list = compileAllowList(['*-*-*-*-*-*-*-*.lab.example:22', 'a*b*c.example:22'], 'allow', problems)
+  assert.deepEqual(problems, [])
+  // The old RegExp form of this pattern ran for seconds on a crafted label (polynomial backtracking); the test's
+  // own timeout is the guard.
+  const crafted = '-'.repeat(62) + '!'
+  assert.deepEqual(await allowedAddresses(list, { host: `${crafted}.lab.example`, port: 22 }, async () => []), [])
+  const dashes = '-'.repeat(63)
+  assert.deepEqual(await allowedAddresses(list, { host: `${dashes}.lab.example`, port: 22 }), [{ host: `${dashes}.lab.example`, port: 22 }], "a '*' takes dashes too")
+  assert.deepEqual(await allowedAddresses(list, { host: 'a-b-c-d-e-f-g-h.lab.example', port: 22 }), [{ host: 'a-b-c-d-e-f-g-h.lab.example', port: 22 }])
+  assert.deepEqual(await allowedAddresses(list, { host: 'a-b-c-d-e-f-g.lab.example', port: 22 }, async () => []), [], 'each * takes one or more')
+  assert.deepEqual(await allowedAddresses(list, { host: 'axxbyyc.example', port: 22 }), [{ host: 'axxbyyc.example', port: 22 }])
+  assert.deepEqual(await allowedAddresses(list, { host: 'abc.example', port: 22 }, async () => []), [])
+  assert.deepEqual(await allowedAddresses(list, { host: 'abbc.example', port: 22 }, async () => []), [], "'b' cannot be both a star's and the literal")
+  assert.deepEqual(await allowedAddresses(list, { host: 'axbxc.example', port: 22 }), [{ host: 'axbxc.example', port: 22 }])
+  assert.equal(parseTargetAddress(`${'a'.repeat(64)}.example:22`), null, 'a label over 63 characters')
+  assert.equal(parseTargetAddress(`${'a.'.repeat(127)}ab:22`), null, 'a name over 253 characters')
+  assert.deepEqual(parseTargetAddress(`${'a'.repeat(63)}.example:22`), { host: `${'a'.repeat(63)}.example`, port: 22 })
+})
