@@ -5,14 +5,14 @@ import type { ResolvedRoute, UpstreamTarget } from './options'
 import { Bridge } from './bridge'
 import { Heartbeat } from './heartbeat'
 import { RoutePool, type UpstreamEntry } from './upstream-pool'
-import { chooseTarget, redactingRequestSerializer } from './target'
+import { chooseTarget, redactedUrl, redactingRequestSerializer } from './target'
 import { readTokens } from './options'
 import { watchTokenFile } from './token-file'
 import { checkHandshake } from './handshake'
 import { checkOrigin } from './origin'
 import { chosenSubprotocol, selectSubprotocol } from './subprotocol'
 import { proxyHeader } from './proxy-protocol'
-import { ShuttingDownError } from './errors'
+import { ClientGoneError, ShuttingDownError } from './errors'
 import { releaseUpgradeResponse } from './private-internals'
 
 const kPending = Symbol('wstunnel.pending-upstream')
@@ -80,22 +80,35 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
     // Runs after every user hook, so a hook that refuses the request costs no upstream connection.
     async function connectBeforeUpgrade (request: FastifyRequest): Promise<void> {
       if (state.closing) throw new ShuttingDownError()
-      const subprotocol = chosenSubprotocol(request)
-      let entries: UpstreamEntry[]
-      let token: string | undefined
-      if (route.target !== null || route.resolveUpstream !== null) {
-        const chosen = await chooseTarget(route, tokens, request)
-        if (state.closing) throw new ShuttingDownError()
-        entries = pool.entriesFor(chosen.upstreams, chosen.dynamic)
-        token = chosen.token
-      } else {
-        const targets = (subprotocol !== null ? route.upstreamBySubprotocol?.get(subprotocol) : undefined) ?? route.upstreams
-        if (targets === null) throw new Error('no upstream for this request') // the sub-protocol hook refuses this case first
-        entries = pool.entriesFor(targets, false)
-      }
-      const preamble = route.proxyProtocol === null ? undefined : proxyHeader(route.proxyProtocol, proxyInfo(request, subprotocol))
-      const { socket: upstream, entry } = await pool.connect(pool.order(entries, request.ip), preamble, state.connecting.signal)
       const client = request.raw.socket as Socket | undefined // none under injectWS
+      // Shutdown, or the client leaving, stops the choice and the connects: nothing goes on connecting for nobody.
+      const abort = new AbortController()
+      const onAbort = (): void => { abort.abort(state.closing ? new ShuttingDownError() : new ClientGoneError()) }
+      state.connecting.signal.addEventListener('abort', onAbort)
+      client?.once('close', onAbort)
+      let connected: { socket: Socket, entry: UpstreamEntry }
+      let token: string | undefined
+      let preambleLength = 0
+      const subprotocol = chosenSubprotocol(request)
+      try {
+        let entries: UpstreamEntry[]
+        if (route.target !== null || route.resolveUpstream !== null) {
+          const chosen = await unlessAborted(chooseTarget(route, tokens, request), abort.signal)
+          entries = pool.entriesFor(chosen.upstreams, chosen.dynamic)
+          token = chosen.token
+        } else {
+          const targets = (subprotocol !== null ? route.upstreamBySubprotocol?.get(subprotocol) : undefined) ?? route.upstreams
+          if (targets === null) throw new Error('no upstream for this request') // the sub-protocol hook refuses this case first
+          entries = pool.entriesFor(targets, false)
+        }
+        const preamble = route.proxyProtocol === null ? undefined : proxyHeader(route.proxyProtocol, proxyInfo(request, subprotocol, redactedUrl(route.target, request)))
+        preambleLength = preamble?.length ?? 0
+        connected = await pool.connect(pool.order(entries, request.ip), preamble, abort.signal)
+      } finally {
+        state.connecting.signal.removeEventListener('abort', onAbort)
+        client?.removeListener('close', onAbort)
+      }
+      const { socket: upstream, entry } = connected
       if (client?.destroyed === true) {
         upstream.destroy()
         return
@@ -103,7 +116,7 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
       // If the upgrade never completes (client gone, handshake refused), the upstream goes too.
       const onClientGone = (): void => { upstream.destroy() }
       client?.once('close', onClientGone)
-      ;(request.raw as RawWithPending)[kPending] = { upstream, target: entry.target, token, preambleLength: preamble?.length ?? 0, onClientGone }
+      ;(request.raw as RawWithPending)[kPending] = { upstream, target: entry.target, token, preambleLength, onClientGone }
     }
 
     function bridge (ws: WebSocket, request: FastifyRequest): void {
@@ -169,8 +182,22 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
   }
 }
 
+/** Settles as `promise` does, or rejects with the abort's reason first. */
+async function unlessAborted<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) throw signal.reason
+  let onAbort: (() => void) | undefined
+  try {
+    return await Promise.race([promise, new Promise<never>((_resolve, reject) => {
+      onAbort = () => { reject(signal.reason) }
+      signal.addEventListener('abort', onAbort)
+    })])
+  } finally {
+    if (onAbort !== undefined) signal.removeEventListener('abort', onAbort)
+  }
+}
+
 /** The client's real address (Fastify's request.ip honours trustProxy) and what it asked for. */
-function proxyInfo (request: FastifyRequest, subprotocol: string | null): Parameters<typeof proxyHeader>[1] {
+function proxyInfo (request: FastifyRequest, subprotocol: string | null, path: string): Parameters<typeof proxyHeader>[1] {
   const socket = request.socket as Socket | undefined
   // Behind a trusted proxy the client's port is unknown: the socket's is the proxy's.
   const sourcePort = request.ip === socket?.remoteAddress ? socket.remotePort ?? 0 : 0
@@ -182,7 +209,7 @@ function proxyInfo (request: FastifyRequest, subprotocol: string | null): Parame
     destinationPort: socket?.localPort ?? 0,
     authority: request.headers.host,
     subprotocol: subprotocol ?? undefined,
-    path: request.url,
+    path, // with a token it carries shown by its id
     origin: typeof origin === 'string' ? origin : undefined
   }
 }

@@ -36,6 +36,9 @@ export const BadSubprotocolHeaderError = createError('FST_WSTUNNEL_BAD_SUBPROTOC
 /** The server is closing: a handshake still in progress is refused. */
 export const ShuttingDownError = createError('FST_WSTUNNEL_SHUTTING_DOWN', 'the server is shutting down', 503)
 
+/** The client closed its connection while its upstream was being chosen or connected (nginx's 499). */
+export const ClientGoneError = createError('FST_WSTUNNEL_CLIENT_GONE', 'the client left before its upstream connected', 499)
+
 /** A request to a bridged route that is not a valid WebSocket handshake (RFC 6455 section 4.2.1). */
 export const BadHandshakeError = createError('FST_WSTUNNEL_BAD_HANDSHAKE', 'invalid WebSocket handshake: %s', 400)
 

@@ -22,7 +22,9 @@ const TlsSchema = Type.Union([
   Type.Boolean(),
   Type.Object({
     servername: Type.Optional(Type.String({ minLength: 1 })),
-    ca: Type.Optional(Type.Union([Type.String({ minLength: 1 }), Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })])),
+    ca: Type.Optional(Type.Union([Type.String({ minLength: 1 }), Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })], {
+      errorMessage: 'must be a file path or PEM text, or a non-empty list of them'
+    })),
     cert: Type.Optional(Type.String({ minLength: 1 })),
     key: Type.Optional(Type.String({ minLength: 1 })),
     rejectUnauthorized: Type.Optional(Type.Boolean())
@@ -367,21 +369,30 @@ interface SchemaError {
 /** Turns schema errors into lines like `routes['/vnc'].upstream.port: must be an integer from 1 to 65535`. */
 export function describeErrors (schema: TSchema, errors: SchemaError[]): string[] {
   const dropped = new Set<SchemaError>()
-  // For a union, report only the branch whose shape fits the value, or the union's own message.
+  // Unions none of whose branches has the value's shape: to a union around them, a type that does not fit.
+  const shapeless = new Set<string>()
+  // For a union, report only the branch whose shape fits the value, or the union's own message. Inner unions
+  // come first in the list, so an outer one knows which of its branches are shapeless.
   for (const union of errors.filter(error => error.keyword === 'anyOf')) {
     const inside = errors.filter(error => error.schemaPath.startsWith(union.schemaPath + '/anyOf/') &&
       error.instancePath.startsWith(union.instancePath))
     const branchOf = (error: SchemaError) => error.schemaPath.slice(union.schemaPath.length + 7).split('/')[0]
-    // A branch is misshapen when its own type does not fit; a type error deeper down (a union inside) is not.
-    const misshapen = new Set(inside.filter(error => error.instancePath === union.instancePath && error.keyword === 'type' &&
-      error.schemaPath === `${union.schemaPath}/anyOf/${branchOf(error)}`).map(branchOf))
+    const branchPath = (error: SchemaError) => `${union.schemaPath}/anyOf/${branchOf(error)}`
+    // A branch is misshapen when its own type does not fit, when it is a shapeless union, or when a constant of
+    // its own (a discriminator such as `from: 'token'`) does not; a type error deeper down is not.
+    const misshapen = new Set(inside.filter(error =>
+      (error.instancePath === union.instancePath && error.schemaPath === branchPath(error) && (error.keyword === 'type' || shapeless.has(`${error.schemaPath} ${error.instancePath}`))) ||
+      (error.keyword === 'const' && error.schemaPath.startsWith(branchPath(error) + '/properties/') && error.schemaPath.split('/').length === branchPath(error).split('/').length + 2)
+    ).map(branchOf))
     // Of the branches whose type fits, the one whose errors reach deepest into the value is the one meant.
     let fitting: SchemaError | undefined
     for (const error of inside) {
+      if (error.keyword === 'boolean') continue // the echo of an unknown key, as deep as the key
       if (!misshapen.has(branchOf(error)) && (fitting === undefined || error.instancePath.length > fitting.instancePath.length)) fitting = error
     }
     for (const error of inside) if (fitting === undefined || branchOf(error) !== branchOf(fitting)) dropped.add(error)
     if (fitting !== undefined) dropped.add(union)
+    else shapeless.add(`${union.schemaPath} ${union.instancePath}`) // the same schema serves every route
   }
   const lines: string[] = []
   for (const error of errors) {

@@ -3,6 +3,7 @@ import type { FastifyRequest, onRequestHookHandler } from 'fastify'
 import type { WebSocketServer } from 'ws'
 import { BadSubprotocolHeaderError, SubprotocolRefusedError } from './errors'
 import type { ResolvedRoute } from './options'
+import { redactBearerEntries } from './token'
 
 const kChosen = Symbol('wstunnel.subprotocol')
 type RawWithChoice = IncomingMessage & { [kChosen]?: string | null }
@@ -49,7 +50,9 @@ export function selectSubprotocol (route: Pick<ResolvedRoute, 'subprotocols' | '
       try {
         offered = parseSubprotocols(header)
       } catch (err) {
-        return done(new BadSubprotocolHeaderError((err as Error).message))
+        // The message quotes the bad entry, which may be a token: its id goes in the answer and the log.
+        const message = (err as Error).message
+        return done(new BadSubprotocolHeaderError(bearer === null ? message : redactBearerEntries(message, bearer)))
       }
       if (bearer !== null) {
         offered = offered.filter(name => !name.startsWith(bearer))

@@ -1,9 +1,9 @@
-import { createHash } from 'node:crypto'
 import type { FastifyRequest } from 'fastify'
 import type { TargetSpec, UpstreamOption, UpstreamTarget, ResolvedRoute } from './options'
 import { parseResolvedUpstreams } from './options'
 import { allowedAddresses, parseTargetAddress } from './allow-list'
 import { parseSubprotocols } from './subprotocol'
+import { tokenId } from './token'
 import { BadTargetError, InvalidUpstreamError, NoUpstreamError, TargetForbiddenError, UnknownTokenError } from './errors'
 
 /** Chooses a request's upstream in JavaScript, after the app's own hooks: null (or undefined) answers 404. */
@@ -16,11 +16,6 @@ export interface ChosenTarget {
   /** Chosen per request from outside the configuration (a query target, resolveUpstream): not kept for long. */
   dynamic: boolean
   token?: string
-}
-
-/** A token's name in logs and error messages: never the token itself. */
-export function tokenId (token: string): string {
-  return 'sha256:' + createHash('sha256').update(token).digest('hex').slice(0, 8)
 }
 
 /** The upstreams a request on a route with a per-request target may reach. Throws the error to answer with,
@@ -121,21 +116,25 @@ function formatAddress (host: string, port: number): string {
   return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`
 }
 
+/** The request's URL with a token it carries (query or path) replaced by the token's id; as is otherwise. */
+export function redactedUrl (target: TargetSpec | null, request: FastifyRequest): string {
+  const url = request.url
+  if (target?.from !== 'token') return url
+  const token = findToken({ ...target, sources: target.sources.filter(source => source === 'query' || source === 'path') }, request)
+  if (token === null) return url
+  const [path, query] = url.split('?', 2)
+  const params = new URLSearchParams(query ?? '')
+  if (params.has(target.name)) params.set(target.name, tokenId(params.get(target.name) ?? ''))
+  return path.split('/').map(segment => safeDecode(segment) === token ? tokenId(token) : segment).join('/') +
+    (query === undefined ? '' : `?${params.toString()}`)
+}
+
 /** Fastify's request log line with the token in the URL (query or path) replaced by its short hash. */
-export function redactingRequestSerializer (target: Extract<TargetSpec, { from: 'token' }>): (request: FastifyRequest) => Record<string, unknown> {
+export function redactingRequestSerializer (target: TargetSpec): (request: FastifyRequest) => Record<string, unknown> {
   return function serializeRequest (request) {
-    let url = request.url
-    const token = findToken({ ...target, sources: target.sources.filter(source => source === 'query' || source === 'path') }, request)
-    if (token !== null) {
-      const [path, query] = url.split('?', 2)
-      const params = new URLSearchParams(query ?? '')
-      if (params.has(target.name)) params.set(target.name, tokenId(params.get(target.name) ?? ''))
-      url = path.split('/').map(segment => safeDecode(segment) === token ? tokenId(token) : segment).join('/') +
-        (query === undefined ? '' : `?${params.toString()}`)
-    }
     return {
       method: request.method,
-      url,
+      url: redactedUrl(target, request),
       version: request.headers['accept-version'],
       host: request.host,
       remoteAddress: request.ip,

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { connect, type Socket } from 'node:net'
 import type { FastifyBaseLogger } from 'fastify'
 import type { ResolvedRoute, UpstreamTarget } from './options'
@@ -28,7 +29,7 @@ export class UpstreamEntry {
   lastError: string | null = null
   checking = false
 
-  constructor (readonly target: UpstreamTarget, readonly dynamic: boolean) {}
+  constructor (readonly target: UpstreamTarget, readonly dynamic: boolean, readonly key: string) {}
 
   status (): UpstreamStatus {
     const { label, tls } = this.target
@@ -46,6 +47,7 @@ export class RoutePool {
   private dynamicCount = 0
   private turn = 0
   private checkTimer: NodeJS.Timeout | null = null
+  private readonly probes = new Set<Socket>()
 
   constructor (readonly route: ResolvedRoute, staticTargets: UpstreamTarget[], private readonly log: FastifyBaseLogger) {
     for (const target of staticTargets) this.entry(target, false)
@@ -57,11 +59,11 @@ export class RoutePool {
   }
 
   private entry (target: UpstreamTarget, dynamic: boolean): UpstreamEntry {
-    const key = target.label + (target.tls === null ? '' : ' tls')
+    const key = entryKey(target)
     let entry = this.entries.get(key)
     if (entry === undefined) {
       if (dynamic && ++this.dynamicCount > DYNAMIC_LIMIT) this.evictDynamic()
-      entry = new UpstreamEntry(target, dynamic)
+      entry = new UpstreamEntry(target, dynamic, key)
       this.entries.set(key, entry)
     }
     return entry
@@ -79,35 +81,32 @@ export class RoutePool {
   /** Forgets a dynamic entry once nothing uses it and it is healthy. */
   private release (entry: UpstreamEntry): void {
     if (!entry.dynamic || entry.connections > 0 || entry.connecting > 0 || entry.down || entry.failures > 0) return
-    const key = entry.target.label + (entry.target.tls === null ? '' : ' tls')
-    if (this.entries.get(key) === entry) {
-      this.entries.delete(key)
+    if (this.entries.get(entry.key) === entry) {
+      this.entries.delete(entry.key)
       this.dynamicCount--
     }
   }
 
   /** The order to try `entries` in: those up (or due a retry) by the route's policy, then those down,
-   *  soonest retry first, since a down upstream is still tried when all are down. */
+   *  soonest retry first, since a down upstream is still tried when all are down. Turns are taken among the
+   *  upstreams that are up, so a down one's share is spread over all the others. */
   order (entries: UpstreamEntry[], clientIp: string): UpstreamEntry[] {
-    const count = entries.length
-    if (count === 1) return entries
+    if (entries.length === 1) return entries
     const now = Date.now()
     const policy = this.route.balance
-    let start = 0
-    if (policy === 'round-robin') start = this.turn++ % count
-    else if (policy === 'random') start = Math.floor(Math.random() * count)
-    else if (policy === 'client-ip') start = hash(clientIp) % count
-    const rotated = start === 0 ? entries : [...entries.slice(start), ...entries.slice(0, start)]
-    const up: UpstreamEntry[] = []
+    // client-ip turns the whole list, so that an address keeps its upstream whatever becomes of the others.
+    const list = policy === 'client-ip' ? rotate(entries, hash(clientIp) % entries.length) : entries
+    let up: UpstreamEntry[] = []
     const down: UpstreamEntry[] = []
-    for (const entry of rotated) (entry.down && entry.retryAt > now ? down : up).push(entry)
-    // A stable sort keeps the rotation among equals, so ties still take turns.
-    if (policy === 'least-connections') {
-      this.turn++
-      up.sort((a, b) => (a.connections + a.connecting) - (b.connections + b.connecting))
+    for (const entry of list) (entry.down && entry.retryAt > now ? down : up).push(entry)
+    if (up.length > 1 && policy !== 'first' && policy !== 'client-ip') {
+      up = rotate(up, policy === 'random' ? Math.floor(Math.random() * up.length) : this.turn++ % up.length)
+      // A stable sort keeps the turn among equals, so ties still take turns.
+      if (policy === 'least-connections') up.sort((a, b) => (a.connections + a.connecting) - (b.connections + b.connecting))
     }
+    if (down.length === 0) return up
     down.sort((a, b) => a.retryAt - b.retryAt)
-    return down.length === 0 ? up : [...up, ...down]
+    return [...up, ...down]
   }
 
   /** Connects to the first of `entries` (in `order`) that accepts, within one connectTimeout for them all:
@@ -127,26 +126,36 @@ export class RoutePool {
       try {
         const socket = await connectUpstream(entry.target, timeout, preamble, signal)
         entry.connecting--
-        this.succeeded(entry)
         entry.connections++
+        this.succeeded(entry)
         socket.once('close', () => {
           entry.connections--
           this.release(entry)
         })
+        this.releaseAll(entries)
         return { socket, entry }
       } catch (err) {
         entry.connecting--
-        if (!(err instanceof ConnectFailure)) throw err // shutting down
+        if (!(err instanceof ConnectFailure)) {
+          this.releaseAll(entries)
+          throw err // aborted: shutting down, or the client left
+        }
         const reason = err.reason
         allTimedOut &&= err.timedOut
         tried.push(`${entry.target.label} ${reason}`)
         this.failed(entry, reason)
       }
     }
+    this.releaseAll(entries)
     const details = tried.length === 0 ? 'no time left to try' : tried.join(', ')
     throw allTimedOut
       ? new UpstreamTimeoutError(details, tried.length, entries.length)
       : new UpstreamUnreachableError(details, tried.length, entries.length)
+  }
+
+  /** Forgets the dynamic entries of a request that nothing uses now (those not tried, those done with). */
+  private releaseAll (entries: UpstreamEntry[]): void {
+    for (const entry of entries) this.release(entry)
   }
 
   private succeeded (entry: UpstreamEntry): void {
@@ -189,25 +198,55 @@ export class RoutePool {
       entry.checking = true
       const target = entry.target
       const socket = 'path' in target ? connect({ path: target.path }) : connect({ host: target.host, port: target.port })
+      this.probes.add(socket)
       const timer = setTimeout(() => { socket.destroy(new Error('ETIMEDOUT')) }, timeout)
-      socket.once('connect', () => {
+      const done = (): void => {
         clearTimeout(timer)
         entry.checking = false
+        this.probes.delete(socket)
+      }
+      socket.once('connect', () => {
+        done()
         socket.destroy()
         this.succeeded(entry)
       })
       socket.once('error', (err: NodeJS.ErrnoException) => {
-        clearTimeout(timer)
-        entry.checking = false
+        done()
         this.failed(entry, `health check: ${err.code ?? err.message}`)
       })
     }
   }
 
-  /** Stops the health check. */
+  /** Stops the health check, and any check in flight. */
   close (): void {
     if (this.checkTimer !== null) clearInterval(this.checkTimer)
+    for (const socket of this.probes) {
+      socket.removeAllListeners('connect')
+      socket.on('error', () => {})
+      socket.destroy()
+    }
+    this.probes.clear()
   }
+}
+
+function rotate<T> (list: T[], start: number): T[] {
+  return start === 0 ? list : [...list.slice(start), ...list.slice(0, start)]
+}
+
+// Upstreams that differ only in TLS settings (a CA, a servername) are different upstreams: a connection must
+// never be made with another's settings. The settings' digest is kept per settings object.
+const tlsDigests = new WeakMap<object, string>()
+
+function entryKey (target: UpstreamTarget): string {
+  const tls = target.tls
+  if (tls === null) return target.label
+  let digest = tlsDigests.get(tls)
+  if (digest === undefined) {
+    const { servername, rejectUnauthorized, ca, cert, key } = tls
+    digest = createHash('sha256').update(JSON.stringify([servername, rejectUnauthorized, String(ca), String(cert), String(key)])).digest('hex')
+    tlsDigests.set(tls, digest)
+  }
+  return `${target.label} tls:${digest}`
 }
 
 /** FNV-1a: a client address to a stable number. */

@@ -73,16 +73,20 @@ export class ConnectFailure extends Error {
   }
 }
 
+/** How long a TLS handshake may take when connectTimeout is 0 (the OS's own, which covers only TCP). */
+const TLS_HANDSHAKE_TIMEOUT = 30000
+
 // Keep-alive finds a peer that vanished (a rebooted host) on a bridge that is otherwise idle.
 const KEEP_ALIVE_DELAY = 60000
 
 /** Opens a TCP, unix-socket or TLS connection to the upstream, resolving once it is established (for TLS, once
  *  the certificate is verified). Host names are resolved at each connect, IPv6 and IPv4 tried as Node's
  *  autoSelectFamily does. Rejects with a ConnectFailure (refused, TLS error, or no answer within `timeout` ms;
- *  0: the OS's own), or a 503 error if `signal` aborts first. A PROXY `preamble` goes first, before any TLS. */
+ *  0: the OS's own, and 30 s more for a TLS handshake), or the abort's reason (else a 503 error) if `signal`
+ *  aborts first. A PROXY `preamble` goes first, before any TLS. */
 export function connectUpstream (target: UpstreamTarget, timeout: number, preamble: Buffer | undefined, signal: AbortSignal): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    if (signal.aborted) return reject(new ShuttingDownError())
+    if (signal.aborted) return reject(abortReason(signal))
     const secure = target.tls !== null
     // Node asks for the first buffer inside connect(), before `socket` is assigned.
     let created: ReadingSocket | undefined
@@ -98,7 +102,8 @@ export function connectUpstream (target: UpstreamTarget, timeout: number, preamb
     // (a reset while the upgrade completes), nothing else does, and the socket destroys itself.
     raw.on('error', ignore)
     let socket: Socket = raw
-    const timer = timeout > 0 ? setTimeout(() => { settle(new ConnectFailure(`timed out after ${timeout} ms`, true)) }, timeout) : null
+    const onTimeout = (): void => { settle(new ConnectFailure(`timed out after ${timeout > 0 ? timeout : TLS_HANDSHAKE_TIMEOUT} ms`, true)) }
+    let timer = timeout > 0 ? setTimeout(onTimeout, timeout) : null
     function settle (error: Error | null): void {
       if (timer !== null) clearTimeout(timer)
       raw.removeListener('connect', onConnect)
@@ -117,6 +122,8 @@ export function connectUpstream (target: UpstreamTarget, timeout: number, preamb
         return resolve(raw)
       }
       raw.removeListener('error', onError)
+      // The OS bounds a TCP connect, but nothing bounds a TLS handshake with a server that says nothing.
+      timer ??= setTimeout(onTimeout, TLS_HANDSHAKE_TIMEOUT)
       socket = tlsConnect({ ...target.tls, socket: raw, servername: target.tls?.servername ?? servernameOf(target) })
       socket.on('error', ignore)
       socket.once('secureConnect', onSecure)
@@ -130,12 +137,17 @@ export function connectUpstream (target: UpstreamTarget, timeout: number, preamb
       settle(new ConnectFailure(err.code ?? err.message, false, { cause: err }))
     }
     function onAbort (): void {
-      settle(new ShuttingDownError())
+      settle(abortReason(signal))
     }
     raw.once('connect', onConnect)
     raw.once('error', onError)
     signal.addEventListener('abort', onAbort)
   })
+}
+
+/** Why the connect was called off: the signal's reason if it is an Error, else the server is shutting down. */
+function abortReason (signal: AbortSignal): Error {
+  return signal.reason instanceof Error && signal.reason.name !== 'AbortError' ? signal.reason : new ShuttingDownError()
 }
 
 /** SNI names a host, never an address (RFC 6066 section 3). */

@@ -215,3 +215,32 @@ test('an upstream that does not answer uses only its share of connectTimeout; th
   assert.match(gateway.app.wstunnel.upstreams()['/t'][0].lastError ?? '', /timed out after 500 ms/)
   ws.close()
 })
+
+test('least-connections takes turns among equals; a down upstream\'s share is spread over all the others, and it is not tried within its backoff', { timeout: 20000 }, async (t) => {
+  const [a, b, c] = await threeUpstreams(t)
+  const d = await startNamed('D')
+  t.after(() => d.close())
+  const gateway = await startGateway({
+    routes: {
+      '/lc': { upstream: [a.address, b.address, c.address], balance: 'least-connections' },
+      '/rr': { upstream: [a.address, b.address, c.address, d.address], maxFailures: 1, failBackoff: 60000 }
+    }
+  })
+  t.after(() => gateway.app.close())
+
+  // One at a time, each closed before the next: every upstream has 0 open, so they take turns.
+  const sequential = []
+  for (let index = 0; index < 6; index++) {
+    sequential.push(...await names(`${gateway.url}/lc`, 1))
+    await waitFor(() => gateway.app.wstunnel.upstreams()['/lc'].every(entry => entry.connections === 0))
+  }
+  assert.deepEqual(sequential.slice().sort(), ['A', 'A', 'B', 'B', 'C', 'C'], sequential.join(''))
+
+  await b.close()
+  assert.deepEqual((await names(`${gateway.url}/rr`, 2)).join(''), 'AC', "B's turn went to C")
+  const failures = gateway.app.wstunnel.upstreams()['/rr'].find(entry => entry.upstream === b.address)?.failures
+  assert.equal(failures, 1)
+  const reached = await names(`${gateway.url}/rr`, 9)
+  assert.deepEqual(['A', 'C', 'D'].map(name => reached.filter(other => other === name).length), [3, 3, 3], reached.join(''))
+  assert.equal(gateway.app.wstunnel.upstreams()['/rr'].find(entry => entry.upstream === b.address)?.failures, 1, 'B, down, was not tried')
+})

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import Fastify from 'fastify'
 import wstunnel from '../lib/index'
-import { tokenId } from '../lib/target'
+import { tokenId } from '../lib/token'
 import { openClient, startGateway, startTcp, waitFor, type TcpServer } from './helpers'
 
 function startNamed (name: string): Promise<TcpServer> {
@@ -219,4 +219,80 @@ test('target options are checked at registration, every problem at once', async 
     return true
   })
   await app.close()
+})
+
+test('option errors name the branch meant: an empty allow-list, an empty upstream list, a bad TLS field', async () => {
+  const app = Fastify()
+  await assert.rejects(async () => {
+    await app.register(wstunnel, {
+      routes: {
+        '/a': { target: { from: 'query', allow: [] } },
+        '/b': { upstream: [] },
+        '/c': { upstream: [{ host: 'x', port: 0 }] },
+        '/d': { upstream: { host: 'a', port: 1, tls: { ca: 5 as unknown as string } } },
+        '/e': { target: { from: 'dns' } as never }
+      }
+    })
+  }, (err: Error) => {
+    assert.deepEqual(err.message.split('\n').slice(1), [
+      "routes['/a'].target.allow: must be a non-empty list of allowed targets",
+      "routes['/b'].upstream: must be a non-empty list of upstreams",
+      "routes['/c'].upstream[0].port: must be an integer from 1 to 65535",
+      "routes['/d'].upstream.tls.ca: must be a file path or PEM text, or a non-empty list of them",
+      "routes['/e'].target: must be { from: 'token', tokens or tokensFile, source, name } or { from: 'query', param, allow }"
+    ])
+    return true
+  })
+  await app.close()
+})
+
+test('a token offered as a sub-protocol is never quoted whole in a 400 or a log line', { timeout: 10000 }, async (t) => {
+  const gateway = await startGateway({ routes: { '/s': { target: { from: 'token', tokens: { SECRETAAA: '127.0.0.1:1' }, source: 'subprotocol' }, subprotocols: ['chat'] } } })
+  t.after(() => gateway.app.close())
+  const { request } = await import('node:http')
+  const answer = await new Promise<{ status: number, body: string }>((resolve, reject) => {
+    const req = request(`${gateway.url.replace('ws', 'http')}/s`, {
+      headers: { connection: 'upgrade', upgrade: 'websocket', 'sec-websocket-version': '13', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-protocol': 'chat, token.SECRETAAA, token.SECRETAAA' }
+    })
+    req.on('response', (response) => {
+      let body = ''
+      response.on('data', (chunk: Buffer) => { body += chunk.toString() })
+      response.on('end', () => { resolve({ status: response.statusCode ?? 0, body }) })
+    })
+    req.on('error', reject)
+    req.end()
+  })
+  assert.equal(answer.status, 400)
+  assert.match(answer.body, new RegExp(`token\\.${tokenId('SECRETAAA')}`))
+  await waitFor(() => gateway.logs.lines.length > 0)
+  assert.ok(!answer.body.includes('SECRETAAA') && !JSON.stringify(gateway.logs.lines).includes('SECRETAAA'))
+})
+
+test('resolveUpstream still running when the app closes: the handshake is answered 503 and close() ends', { timeout: 10000 }, async (t) => {
+  let called = false
+  const gateway = await startGateway({ routes: { '/slow': { resolveUpstream: async () => { called = true; return await new Promise<never>(() => {}) } } } })
+  t.after(() => gateway.app.close())
+  const attempt = openClient(`${gateway.url}/slow`).then(() => null, (err: { statusCode: number, body: string }) => err)
+  await waitFor(() => called)
+  await gateway.app.close()
+  const error = await attempt
+  assert.equal(error?.statusCode, 503)
+  assert.equal(JSON.parse(error.body).code, 'FST_WSTUNNEL_SHUTTING_DOWN')
+})
+
+test('upstreams chosen per request are listed while in use, balanced by their open bridges, and forgotten when idle', { timeout: 10000 }, async (t) => {
+  const [vm1, vm2] = await twoVms(t)
+  const gateway = await startGateway({ routes: { '/r': { resolveUpstream: () => [vm1.address, vm2.address], balance: 'least-connections' } } })
+  t.after(() => gateway.app.close())
+  const clients = []
+  for (let index = 0; index < 4; index++) {
+    const ws = await openClient(`${gateway.url}/r`)
+    await waitFor(() => ws.inbox.length > 0)
+    clients.push(ws)
+  }
+  assert.deepEqual(clients.map(ws => ws.inbox[0].data.toString().trim()).sort(), ['vm1', 'vm1', 'vm2', 'vm2'])
+  const listed = gateway.app.wstunnel.upstreams()['/r']
+  assert.deepEqual(Object.fromEntries(listed.map(entry => [entry.upstream, entry.connections])), { [vm1.address]: 2, [vm2.address]: 2 })
+  for (const ws of clients) ws.close()
+  await waitFor(() => gateway.app.wstunnel.upstreams()['/r'].length === 0)
 })

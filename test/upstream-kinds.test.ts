@@ -187,3 +187,41 @@ test('with proxyProtocol, a TLS upstream gets the PROXY header in the clear, the
   assert.match(headers[0], /^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ \d+$/)
   ws.close()
 })
+
+test('one address with two TLS settings is two upstreams: neither connects with the other\'s settings', { timeout: 20000 }, async (t) => {
+  const upstream = await startTlsEcho()
+  const gateway = await startGateway({
+    routes: {
+      '/bus': {
+        subprotocols: {
+          lax: { host: '127.0.0.1', port: upstream.port, tls: { ca: certFile, servername: 'localhost', rejectUnauthorized: false } },
+          strict: { host: '127.0.0.1', port: upstream.port, tls: { ca: certFile, servername: 'other.example' } }
+        }
+      }
+    }
+  })
+  t.after(async () => { await gateway.app.close(); await upstream.close() })
+
+  const lax = await openClient(`${gateway.url}/bus`, 'lax')
+  await waitFor(() => lax.inbox.length > 0)
+  lax.close()
+  for (let index = 0; index < 2; index++) {
+    const error = await openClient(`${gateway.url}/bus`, 'strict').then(() => null, (err: { statusCode: number, body: string }) => err)
+    assert.equal(error?.statusCode, 502, 'the strict upstream checks its certificate against its own servername')
+  }
+  assert.equal(gateway.app.wstunnel.upstreams()['/bus'].length, 2)
+})
+
+test('a TLS upstream that accepts TCP and never answers the handshake is cut at connectTimeout (504), its socket closed', { timeout: 20000 }, async (t) => {
+  const silent = await startTcp(socket => socket.resume()) // reads, and never answers the TLS ClientHello
+  const gateway = await startGateway({ routes: { '/tls': { upstream: { host: '127.0.0.1', port: silent.port, tls: true }, connectTimeout: 300 } } })
+  t.after(async () => { await gateway.app.close(); await silent.close() })
+
+  const errors = await Promise.all(Array.from({ length: 5 }, async () =>
+    await openClient(`${gateway.url}/tls`).then(() => null, (err: { statusCode: number, body: string }) => err)))
+  for (const error of errors) {
+    assert.equal(error?.statusCode, 504)
+    assert.match(JSON.parse(error.body).message, /timed out after 300 ms \(1 of 1 upstreams tried\)/)
+  }
+  await waitFor(() => silent.sockets.size === 0, 5000)
+})
