@@ -12,7 +12,12 @@ import { checkHandshake } from './handshake'
 import { checkOrigin } from './origin'
 import { chosenSubprotocol, selectSubprotocol } from './subprotocol'
 import { proxyHeader } from './proxy-protocol'
-import { ClientGoneError, ShuttingDownError } from './errors'
+import { ClientGoneError, RateLimitedError, ShuttingDownError, TooManyPendingError } from './errors'
+import rateLimit from '@fastify/rate-limit'
+import type { Registry } from 'prom-client'
+import { healthHandler } from './health'
+import { RouteStats, refusalReason, type RefusalReason } from './stats'
+import { connectionLimits } from './limits'
 import { releaseUpgradeResponse } from './private-internals'
 
 const kPending = Symbol('wstunnel.pending-upstream')
@@ -27,7 +32,8 @@ interface Pending {
   onClientGone: () => void
 }
 
-type RawWithPending = FastifyRequest['raw'] & { [kPending]?: Pending }
+const kRefusal = Symbol('wstunnel.refusal')
+type RawWithPending = FastifyRequest['raw'] & { [kPending]?: Pending, [kRefusal]?: RefusalReason }
 
 /** What the plugin and its routes share: the open bridges, and whether the server is closing. */
 export interface BackendState {
@@ -37,6 +43,10 @@ export interface BackendState {
   connecting: AbortController
   /** Each route's upstreams and their health, by the route's full path. */
   pools: Map<string, RoutePool>
+  /** Each route's counters, by the route's full path. */
+  stats: Map<string, RouteStats>
+  /** How bridges are closed on shutdown: the code, and how long upstream bytes may still flow first. */
+  drain: { code: 1001 | 1012, timeout: number }
   /** Called when the plugin closes: health checks, token file watchers. */
   stoppers: Array<() => void>
 }
@@ -44,19 +54,32 @@ export interface BackendState {
 export interface BackendOptions {
   routes: ResolvedRoute[]
   state: BackendState
+  /** Where the health and metrics endpoints are served, if they are. */
+  endpoints: { health: string | null, metrics: { path: string, registry: Registry } | null }
 }
 
 /** The encapsulated backend service: one WebSocket route per declared path, each bridged to an upstream of
  *  its pool, chosen by the route's balance policy and passive health, or per request by its target. */
-export async function backend (fastify: FastifyInstance, { routes, state }: BackendOptions): Promise<void> {
+export async function backend (fastify: FastifyInstance, { routes, state, endpoints }: BackendOptions): Promise<void> {
   const { bridges } = state
+  if (routes.some(route => route.handshakeRate !== null)) {
+    await fastify.register(rateLimit, { global: false, errorResponseBuilder: (_request, context) => new RateLimitedError(context.after) })
+  }
+  if (endpoints.health !== null) fastify.get(endpoints.health, healthHandler(state))
+  const metrics = endpoints.metrics
+  if (metrics !== null) {
+    fastify.get(metrics.path, async (_request, reply) => await reply.type(metrics.registry.contentType).send(await metrics.registry.metrics()))
+  }
   for (const route of routes) {
     const heartbeat = route.pingInterval > 0 ? new Heartbeat(route.pingInterval) : null
     const configured = [...route.upstreams ?? [], ...[...route.upstreamBySubprotocol?.values() ?? []].flat()]
     const target = route.target
     if (target?.from === 'token') configured.push(...[...target.tokens.values(), ...target.fileTokens.values()].flat())
     const pool = new RoutePool(route, configured, fastify.log)
+    const counters = new RouteStats()
     state.pools.set(fastify.prefix + route.path, pool)
+    state.stats.set(fastify.prefix + route.path, counters)
+    let pending = 0
     state.stoppers.push(() => { pool.close() })
     if (route.healthCheck !== null) pool.startChecks(route.healthCheck.interval)
     // Inline tokens win over the file's.
@@ -80,6 +103,16 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
     // Runs after every user hook, so a hook that refuses the request costs no upstream connection.
     async function connectBeforeUpgrade (request: FastifyRequest): Promise<void> {
       if (state.closing) throw new ShuttingDownError()
+      if (route.maxPendingHandshakes > 0 && pending >= route.maxPendingHandshakes) throw new TooManyPendingError(route.maxPendingHandshakes)
+      pending++
+      try {
+        await connect(request)
+      } finally {
+        pending--
+      }
+    }
+
+    async function connect (request: FastifyRequest): Promise<void> {
       const client = request.raw.socket as Socket | undefined // none under injectWS
       // Shutdown, or the client leaving, stops the choice and the connects: nothing goes on connecting for nobody.
       const abort = new AbortController()
@@ -103,7 +136,9 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
         }
         const preamble = route.proxyProtocol === null ? undefined : proxyHeader(route.proxyProtocol, proxyInfo(request, subprotocol, redactedUrl(route.target, request)))
         preambleLength = preamble?.length ?? 0
+        const started = performance.now()
         connected = await pool.connect(pool.order(entries, request.ip), preamble, abort.signal)
+        counters.connected(performance.now() - started)
       } finally {
         state.connecting.signal.removeEventListener('abort', onAbort)
         client?.removeListener('close', onAbort)
@@ -164,21 +199,45 @@ export async function backend (fastify: FastifyInstance, { routes, state }: Back
         bridges,
         heartbeat,
         preambleLength: pending.preambleLength,
-        limits: { maxPayload: route.maxPayload, maxFragments: fastify.websocketServer.options.maxFragments ?? 0 }
+        limits: { maxPayload: route.maxPayload, maxFragments: fastify.websocketServer.options.maxFragments ?? 0 },
+        stats: counters,
+        drain: state.drain
       }
+      counters.opened++
       const opened = new Bridge(ws, upstream, context)
       log.info({ route: route.path, client: context.client, upstream: context.upstream.label, subprotocol: context.subprotocol || undefined, token: pending.token }, 'wstunnel bridge open')
       if (state.closing) opened.shutdown() // upgraded after the plugin's preClose
     }
 
-    const onRequest = route.origins !== null || route.requireOrigin
-      ? [checkHandshake, checkOrigin(route), selectSubprotocol(route)]
-      : [checkHandshake, selectSubprotocol(route)]
+    // Cheapest first; a route pays only for the checks it has.
+    const onRequest = [
+      checkHandshake,
+      ...route.maxConnections > 0 || route.maxConnectionsPerIp > 0 ? [connectionLimits(route.maxConnections, route.maxConnectionsPerIp)] : [],
+      ...route.origins !== null || route.requireOrigin ? [checkOrigin(route)] : [],
+      selectSubprotocol(route)
+    ]
     // The request log line would hold a token given in the URL: it shows its short hash instead.
     const logSerializers = target?.from === 'token' && target.sources.some(source => source === 'query' || source === 'path')
       ? { req: redactingRequestSerializer(target) }
       : undefined
-    fastify.get(route.path, { websocket: true, onRequest, preHandler: connectBeforeUpgrade, logSerializers }, bridge)
+    fastify.get(route.path, {
+      websocket: true,
+      onRequest,
+      preHandler: connectBeforeUpgrade,
+      logSerializers,
+      ...route.logLevel === undefined ? {} : { logLevel: route.logLevel },
+      // @fastify/rate-limit's hook, on this route only: 429 with Retry-After.
+      ...route.handshakeRate === null ? {} : { config: { rateLimit: { ...route.handshakeRate, hook: 'onRequest' as const } } },
+      // A refused handshake is counted once, by the reason of the error that refused it (else 'other').
+      onError (request, _reply, error, done) {
+        (request.raw as RawWithPending)[kRefusal] = refusalReason((error as { code?: string }).code)
+        done()
+      },
+      onResponse (request, reply, done) {
+        if (reply.statusCode !== 101) counters.refuse((request.raw as RawWithPending)[kRefusal] ?? 'other')
+        done()
+      }
+    }, bridge)
   }
 }
 

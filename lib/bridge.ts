@@ -3,6 +3,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import WebSocket from 'ws'
 import type { ResolvedRoute, UpstreamTarget } from './options'
 import type { Heartbeat } from './heartbeat'
+import type { RouteStats } from './stats'
 import { TextFramer } from './text-frame'
 import { readUpstream } from './upstream'
 import { readClientFrames, binaryFrame, type FrameTarget, type MessageLimits } from './frames'
@@ -41,7 +42,13 @@ export interface BridgeContext {
   heartbeat: Heartbeat | null
   preambleLength: number
   limits: MessageLimits
+  stats: RouteStats
+  /** On shutdown: the close code, and how long upstream bytes may still flow before it is sent. */
+  drain: { code: 1001 | 1012, timeout: number }
 }
+
+/** While draining, an upstream that reads nothing new for this long has given all it had. */
+const DRAIN_QUIET = 50
 
 /** Pumps bytes both ways between an accepted WebSocket and its connected upstream socket,
  *  with backpressure each way, and closes each side when the other ends. */
@@ -58,6 +65,7 @@ export class Bridge implements FrameTarget {
   private clientPaused = false // by the bridge, because the upstream is not reading
   private upstreamFinished = false
   private shutdownTimer: NodeJS.Timeout | null = null
+  private drainTimer: NodeJS.Timeout | null = null
 
   constructor (readonly ws: WebSocket, readonly upstream: Socket, readonly context: BridgeContext) {
     const route = context.route
@@ -164,13 +172,41 @@ export class Bridge implements FrameTarget {
     this.ws.ping()
   }
 
-  /** Closes the client with 1001 and drops the upstream, for server shutdown; a client that does not
-   *  answer within closeTimeout is cut off, so that closing the server ends. */
+  /** Server shutdown: stops reading the client, lets the upstream's bytes flow on until it has been quiet for
+   *  DRAIN_QUIET ms (or drain.timeout has passed), then closes the client with drain.code (1001 or 1012) and
+   *  drops the upstream. A client that does not answer within closeTimeout is cut off, so that closing ends. */
   shutdown (): void {
-    this.close(1001, 'server shutting down', 'gateway')
+    if (this.drainTimer !== null || this.shutdownTimer !== null) return
+    const { timeout } = this.context.drain
+    if (timeout === 0 || this.ws.readyState !== WebSocket.OPEN) return this.closeForShutdown()
+    this.ws.pause() // what the client sends now would go to an upstream about to be dropped
+    const deadline = Date.now() + timeout
+    let read = this.upstream.bytesRead
+    const check = (): void => {
+      const now = this.upstream.bytesRead
+      if (now === read || Date.now() >= deadline || this.upstream.destroyed || this.ws.readyState !== WebSocket.OPEN) {
+        this.drainTimer = null
+        this.closeForShutdown()
+      } else {
+        read = now
+        this.drainTimer = setTimeout(check, Math.min(DRAIN_QUIET, Math.max(1, deadline - Date.now())))
+      }
+    }
+    this.drainTimer = setTimeout(check, Math.min(DRAIN_QUIET, timeout))
+  }
+
+  private closeForShutdown (): void {
+    const code = this.context.drain.code
+    this.close(code, code === 1012 ? 'service restart' : 'server shutting down', 'gateway')
     this.upstream.destroy()
-    this.resumeClient()
+    this.clientPaused = false
+    this.ws.resume() // its close frame must be read
     this.shutdownTimer ??= setTimeout(() => { this.ws.terminate() }, this.context.route.closeTimeout)
+  }
+
+  /** Payload bytes carried so far, each way. */
+  bytes (): { clientToUpstream: number, upstreamToClient: number } {
+    return { clientToUpstream: Math.max(0, this.upstream.bytesWritten - this.context.preambleLength), upstreamToClient: this.upstream.bytesRead }
   }
 
   /** Bytes queued in the gateway for this connection, both ways. */
@@ -182,13 +218,16 @@ export class Bridge implements FrameTarget {
   settle (): void {
     if (--this.open > 0) return
     if (this.shutdownTimer !== null) clearTimeout(this.shutdownTimer)
-    const { route, client, upstream, preambleLength } = this.context
+    if (this.drainTimer !== null) clearTimeout(this.drainTimer)
+    const { route, client, upstream } = this.context
+    const { clientToUpstream, upstreamToClient } = this.bytes()
+    this.context.stats.closed({ code: this.code, closedBy: this.closedBy, clientToUpstream, upstreamToClient })
     this.context.log.info({
       route: route.path,
       client,
       upstream: upstream.label,
-      clientToUpstream: Math.max(0, this.upstream.bytesWritten - preambleLength),
-      upstreamToClient: this.upstream.bytesRead,
+      clientToUpstream,
+      upstreamToClient,
       durationMs: Date.now() - this.started,
       code: this.code,
       closedBy: this.closedBy,

@@ -1,33 +1,52 @@
+import cluster from 'node:cluster'
 import { readFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
 import Fastify from 'fastify'
 import closeWithGrace from 'close-with-grace'
 import wstunnel from './index'
 import { resolveOptions, type FastifyWstunnelOptions } from './options'
+import { runPrimary } from './workers'
 
 const USAGE = `usage:
-  fastify-wstunnel --config gateway.json
+  fastify-wstunnel --config gateway.json [--workers N]
       the plugin's options as JSON, plus "listen": { "port": 8080, "host": "127.0.0.1" }
-  fastify-wstunnel [host:]port upstream
-      websockify style: bridges path / on [host:]port to upstream ('host:port', '[ipv6]:port' or 'unix:/path')`
+  fastify-wstunnel [--workers N] [host:]port upstream
+      websockify style: bridges path / on [host:]port to upstream ('host:port', '[ipv6]:port' or 'unix:/path')
+  --workers N
+      N processes serve the port (auto: one per CPU core); default 1`
 
 /** Where the gateway listens and what it serves, read from the command line. */
 export interface GatewayConfig {
   listen: { port: number, host: string }
   options: FastifyWstunnelOptions
+  /** How many processes serve the port; 1 serves it from this one. */
+  workers: number
 }
 
 /** Reads the command line into a gateway config; throws an Error whose message is fit to print. */
 export function parseArguments (args: string[]): GatewayConfig {
-  if (args.length === 2 && args[0] === '--config') return readConfig(args[1])
-  if (args.length === 2 && !args[0].startsWith('-')) {
-    const options = { routes: { '/': { upstream: args[1] } } } as FastifyWstunnelOptions
+  const at = args.indexOf('--workers')
+  const workers = at === -1 ? 1 : parseWorkers(args[at + 1])
+  const rest = at === -1 ? args : [...args.slice(0, at), ...args.slice(at + 2)]
+  if (rest.length === 2 && rest[0] === '--config') return { ...readConfig(rest[1]), workers }
+  if (rest.length === 2 && !rest[0].startsWith('-')) {
+    const options = { routes: { '/': { upstream: rest[1] } } } as FastifyWstunnelOptions
     resolveOptions(options)
-    return { listen: parseListen(args[0]), options }
+    return { listen: parseListen(rest[0]), options, workers }
   }
   throw new Error(USAGE)
 }
 
-function readConfig (file: string): GatewayConfig {
+function parseWorkers (value: string | undefined): number {
+  if (value === 'auto') return availableParallelism()
+  const count = Number(value)
+  if (value === undefined || !/^\d+$/.test(value) || !Number.isSafeInteger(count) || count < 1) {
+    throw new Error(`--workers${value === undefined ? '' : ` ${value}`}: must be a whole number of processes, 1 or more, or auto\n${USAGE}`)
+  }
+  return count
+}
+
+function readConfig (file: string): Omit<GatewayConfig, 'workers'> {
   let config: unknown
   try {
     config = JSON.parse(readFileSync(file, 'utf8'))
@@ -58,7 +77,7 @@ function parseListen (value: string): { port: number, host: string } {
   return { port, host: match[1]?.replace(/^\[(.*)\]$/, '$1') ?? '127.0.0.1' }
 }
 
-/** Runs a gateway from the command line until SIGINT or SIGTERM. */
+/** Runs a gateway from the command line until SIGINT or SIGTERM: in this process, or in `--workers` processes. */
 export async function main (args: string[]): Promise<void> {
   let config: GatewayConfig
   try {
@@ -68,9 +87,16 @@ export async function main (args: string[]): Promise<void> {
     process.exitCode = 2
     return
   }
+  if (config.workers > 1 && cluster.isPrimary) {
+    runPrimary(config.workers)
+    return
+  }
   const app = Fastify({ logger: true })
   await app.register(wstunnel, config.options)
-  closeWithGrace({ delay: 5000 }, async ({ err }) => {
+  // A worker may be signalled twice (by its primary, and by a Ctrl-C or systemd stop sent to the whole
+  // process group): the second must not cut its graceful close short. The primary bounds the wait.
+  const onSecondSignal = cluster.isWorker ? () => {} : undefined
+  closeWithGrace({ delay: 5000, onSecondSignal }, async ({ err }) => {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     await app.close()
   })

@@ -44,3 +44,15 @@ export const BadHandshakeError = createError('FST_WSTUNNEL_BAD_HANDSHAKE', 'inva
 
 /** A request to a bridged route that asks for no upgrade, or for a WebSocket version other than 13. */
 export const UpgradeRequiredError = createError('FST_WSTUNNEL_UPGRADE_REQUIRED', '%s', 426)
+
+/** The route has maxConnections bridges open or opening. */
+export const TooManyConnectionsError = createError('FST_WSTUNNEL_TOO_MANY_CONNECTIONS', 'the route has its limit of %d connections', 503)
+
+/** The client's address has maxConnectionsPerIp bridges open or opening on the route. */
+export const TooManyFromClientError = createError('FST_WSTUNNEL_TOO_MANY_FROM_CLIENT', 'this address has its limit of %d connections on the route', 429)
+
+/** The client's address opened more than handshakeRate allows (answered with Retry-After). */
+export const RateLimitedError = createError('FST_WSTUNNEL_RATE_LIMITED', 'too many handshakes from this address: retry in %s', 429)
+
+/** The route has maxPendingHandshakes handshakes waiting for their upstream. */
+export const TooManyPendingError = createError('FST_WSTUNNEL_TOO_MANY_PENDING', 'the route has its limit of %d handshakes waiting for an upstream', 503)

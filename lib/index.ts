@@ -8,6 +8,11 @@ import WebSocket from 'ws'
 import { resolveOptions, type FastifyWstunnelOptions } from './options'
 import { backend, type BackendState } from './backend'
 import type { UpstreamStatus } from './upstream-pool'
+import { Registry } from 'prom-client'
+import { RouteStats, totalOf, type RouteStatsSnapshot } from './stats'
+import { registerMetrics } from './metrics'
+import { installHandshakeTimeout } from './limits'
+import { InvalidOptionsError } from './errors'
 import { installSubprotocolChooser } from './subprotocol'
 import { probeInternals } from './private-internals'
 
@@ -19,6 +24,9 @@ export interface WstunnelDecorator {
   bufferedBytes (): number
   /** Each route's upstreams (by the route's full path), with their state, open connections and failures. */
   upstreams (): Record<string, UpstreamStatus[]>
+  /** Counters per route (by its full path) and in total: bridges open, opened and closed (by code and side),
+   *  handshakes refused (by reason), bytes each way, upstream connect time. */
+  stats (): { total: RouteStatsSnapshot, routes: Record<string, RouteStatsSnapshot> }
 }
 
 const kRegistrations = Symbol('wstunnel.registrations')
@@ -33,7 +41,15 @@ declare module 'fastify' {
 async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWstunnelOptions): Promise<void> {
   const options = resolveOptions(rawOptions)
   // Each registration is a service of its own: two (under different prefixes) share no state.
-  const state: BackendState = { bridges: new Set(), closing: false, connecting: new AbortController(), pools: new Map(), stoppers: [] }
+  const state: BackendState = {
+    bridges: new Set(),
+    closing: false,
+    connecting: new AbortController(),
+    pools: new Map(),
+    stats: new Map(),
+    stoppers: [],
+    drain: { code: options.closeCode, timeout: options.drainTimeout }
+  }
   setMaxListeners(0, state.connecting.signal) // one listener per upstream connect in progress
   await probeInternals()
 
@@ -80,8 +96,10 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   fastify.server.on('upgrade', (_request: IncomingMessage, socket: Socket) => {
     if (socket.bytesWritten > 0 && !socket.writableEnded) socket.end(() => { socket.destroy() })
   })
-  // Handshakes still in progress are answered 503 and their upstream connects aborted; one that upgrades
-  // after this is closed with 1001 at once; every client has closeTimeout to answer its 1001.
+  installHandshakeTimeout(fastify.server, options.handshakeTimeout)
+  // Handshakes still in progress are answered 503 and their upstream connects aborted; every bridge drains (its
+  // upstream's bytes flow on until it is quiet, at most drainTimeout), then closes with closeCode, and so does
+  // one that upgrades after this; every client has closeTimeout to answer.
   fastify.addHook('preClose', (done) => {
     state.closing = true
     state.connecting.abort()
@@ -89,8 +107,38 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     done()
   })
 
+  // Metrics go to the app's registry if it gives one, else to one of the plugin's own.
+  const registry = options.metricsRegistry ?? (options.metrics !== null ? new Registry() : null)
+  if (registry !== null) {
+    if (registry.getSingleMetric('wstunnel_bridges_open') !== undefined) {
+      throw new InvalidOptionsError('metricsRegistry: another registration of fastify-wstunnel already exports its metrics to this registry')
+    }
+    state.stoppers.push(registerMetrics(registry, () => routeSnapshots(state), () => state.stats))
+  }
+
   const { prefix, logLevel } = options
-  await fastify.register(backend, { routes: options.routes, state, prefix, ...(logLevel === undefined ? {} : { logLevel }) })
+  await fastify.register(backend, {
+    routes: options.routes,
+    state,
+    endpoints: { health: options.health, metrics: options.metrics === null ? null : { path: options.metrics, registry: registry as Registry } },
+    prefix,
+    ...(logLevel === undefined ? {} : { logLevel })
+  })
+}
+
+/** Each route's counters with the bytes of its open bridges added. */
+function routeSnapshots (state: BackendState): Record<string, RouteStatsSnapshot> {
+  const live = new Map<RouteStats, { clientToUpstream: number, upstreamToClient: number }>()
+  for (const bridge of state.bridges) {
+    const sum = live.get(bridge.context.stats) ?? { clientToUpstream: 0, upstreamToClient: 0 }
+    const bytes = bridge.bytes()
+    sum.clientToUpstream += bytes.clientToUpstream
+    sum.upstreamToClient += bytes.upstreamToClient
+    live.set(bridge.context.stats, sum)
+  }
+  const routes: Record<string, RouteStatsSnapshot> = {}
+  for (const [path, counters] of state.stats) routes[path] = counters.snapshot(live.get(counters) ?? { clientToUpstream: 0, upstreamToClient: 0 })
+  return routes
 }
 
 function decorator (registrations: Registrations): WstunnelDecorator {
@@ -110,6 +158,11 @@ function decorator (registrations: Registrations): WstunnelDecorator {
       const routes: Record<string, UpstreamStatus[]> = {}
       for (const state of registrations) for (const [path, pool] of state.pools) routes[path] = pool.status()
       return routes
+    },
+    stats () {
+      let routes: Record<string, RouteStatsSnapshot> = {}
+      for (const state of registrations) routes = { ...routes, ...routeSnapshots(state) }
+      return { total: totalOf(Object.values(routes)), routes }
     }
   } as WstunnelDecorator
 }
@@ -136,6 +189,7 @@ const plugin: FastifyPluginAsync<FastifyWstunnelOptions> = fp(fastifyWstunnel, {
 
 export type { FastifyWstunnelOptions, RouteOptions, UpstreamOption } from './options'
 export type { UpstreamStatus } from './upstream-pool'
+export type { RouteStatsSnapshot, RefusalReason } from './stats'
 export type { ResolveUpstream } from './target'
 export default plugin
 

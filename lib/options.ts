@@ -8,6 +8,7 @@ import { resolveTls } from './tls'
 import { readTokenFile } from './token-file'
 import { compileAllowList, type AllowList } from './allow-list'
 import type { ResolveUpstream } from './target'
+import type { Registry } from 'prom-client'
 
 const PORT = '([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])'
 
@@ -88,8 +89,15 @@ const routeSettings = {
   // at each failed retry up to failBackoffMax.
   maxFailures: Type.Integer({ minimum: 1, maximum: 1000000, default: 3 }),
   failBackoff: Type.Integer({ minimum: 1, maximum: 2147483647, default: 1000 }),
-  failBackoffMax: Type.Integer({ minimum: 1, maximum: 2147483647, default: 30000 })
+  failBackoffMax: Type.Integer({ minimum: 1, maximum: 2147483647, default: 30000 }),
+  // Limits, checked before any upstream connection; 0 is no limit.
+  maxConnections: Type.Integer({ minimum: 0, maximum: 2147483647, default: 0 }),
+  maxConnectionsPerIp: Type.Integer({ minimum: 0, maximum: 2147483647, default: 0 }),
+  maxPendingHandshakes: Type.Integer({ minimum: 0, maximum: 2147483647, default: 0 })
 }
+
+const LogLevel = Type.Enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
+const EndpointPath = Type.Union([Type.Boolean(), Type.String({ pattern: '^/\\S*$' })], { errorMessage: "must be true, false or a path starting with '/'" })
 
 // Settings with no default: absent means the feature is off.
 const optionalSettings = {
@@ -99,7 +107,12 @@ const optionalSettings = {
   hostnames: Type.Optional(Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty list of host names' })),
   proxyProtocol: Type.Optional(Type.Enum(['v1', 'v2'])),
   tls: Type.Optional(TlsSchema),
-  healthCheck: Type.Optional(HealthCheckSchema)
+  healthCheck: Type.Optional(HealthCheckSchema),
+  // Handshakes per client address (request.ip) in a window, through @fastify/rate-limit: 429 with Retry-After.
+  handshakeRate: Type.Optional(Type.Object({
+    max: Type.Integer({ minimum: 1, maximum: 2147483647 }),
+    timeWindow: Type.Integer({ minimum: 1, maximum: 2147483647 })
+  }, { additionalProperties: false }))
 }
 
 const SubprotocolName = Type.String({
@@ -110,6 +123,7 @@ const SubprotocolName = Type.String({
 const RouteSchema = Type.Object({
   upstream: Type.Optional(UpstreamsSchema),
   target: Type.Optional(TargetSchema),
+  logLevel: Type.Optional(LogLevel),
   // JavaScript only: chooses the upstream per request, after the app's own hooks (checked by resolveOptions).
   resolveUpstream: Type.Optional(Type.Unsafe<ResolveUpstream>({ description: 'a function (request) => upstream | upstream[] | null, or a promise of one' })),
   subprotocols: Type.Optional(Type.Union([
@@ -131,7 +145,15 @@ export const OptionsSchema = Type.Object({
   }),
   // Fastify's own register options, for the plugin's routes.
   prefix: Type.Optional(Type.String({ pattern: '^(/\\S*)?$', errorMessage: "must be a path starting with '/'" })),
-  logLevel: Type.Optional(Type.Enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])),
+  logLevel: Type.Optional(LogLevel),
+  // Operating it: a health endpoint for load balancers, Prometheus metrics, and how shutdown drains.
+  health: Type.Optional(EndpointPath),
+  metrics: Type.Optional(EndpointPath),
+  // JavaScript only: a prom-client Registry of the app's, to hold the metrics (checked by resolveOptions).
+  metricsRegistry: Type.Optional(Type.Unsafe<Registry>({ description: 'a prom-client Registry' })),
+  closeCode: Type.Union([Type.Literal(1001), Type.Literal(1012)], { default: 1001, errorMessage: 'must be 1001 (going away) or 1012 (service restart)' }),
+  drainTimeout: Millis(2000),
+  handshakeTimeout: Millis(10000),
   ...routeSettings,
   ...optionalSettings
 }, { additionalProperties: false })
@@ -176,6 +198,8 @@ export interface ResolvedRoute extends RouteSettings {
   /** The route's TLS settings, for upstreams chosen per request. */
   tls: ConnectionOptions | null
   healthCheck: { interval: number } | null
+  handshakeRate: { max: number, timeWindow: number } | null
+  logLevel: Static<typeof LogLevel> | undefined
   origins: OriginMatcher | null
   /** The names 'same-origin' trusts besides IP literals and localhost: lower-case, punycode. */
   hostnames: ReadonlySet<string>
@@ -187,6 +211,13 @@ export interface ResolvedOptions {
   maxPayload: number
   prefix: string
   logLevel: Static<typeof OptionsSchema>['logLevel']
+  /** Where the health and metrics endpoints are served (under the prefix); null: not served. */
+  health: string | null
+  metrics: string | null
+  metricsRegistry: Registry | null
+  closeCode: 1001 | 1012
+  drainTimeout: number
+  handshakeTimeout: number
   routes: ResolvedRoute[]
 }
 
@@ -213,6 +244,9 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   // Checks the schema cannot express; each is safe on any input, so every problem is reported at once.
   const defaultHostnames = compileHostnames(options.hostnames, 'hostnames', problems)
   if (options.origins !== undefined) compileOrigins(options.origins, 'origins', problems, defaultHostnames) // reported once, even with no routes
+  if (options.metricsRegistry !== undefined && typeof (options.metricsRegistry as { registerMetric?: unknown } | null)?.registerMetric !== 'function') {
+    problems.push('metricsRegistry: must be a prom-client Registry')
+  }
   const defaultTls = checkTls.Check(options.tls) ? resolveTls(options.tls, null, 'tls', problems) : null
   const resolved = new Map<string, Partial<ResolvedRoute>>()
   const routeEntries = isObject(options.routes) ? Object.entries(options.routes) : []
@@ -241,9 +275,25 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     path,
     subprotocols: route.subprotocols === undefined ? [] : Array.isArray(route.subprotocols) ? route.subprotocols : Object.keys(route.subprotocols),
     healthCheck: route.healthCheck ?? options.healthCheck ?? null,
+    handshakeRate: route.handshakeRate ?? options.handshakeRate ?? null,
     proxyProtocol: route.proxyProtocol ?? options.proxyProtocol ?? null
   }))
-  return { maxPayload: options.maxPayload, prefix: options.prefix ?? '', logLevel: options.logLevel, routes }
+  return {
+    maxPayload: options.maxPayload,
+    prefix: options.prefix ?? '',
+    logLevel: options.logLevel,
+    health: endpoint(options.health, '/health'),
+    metrics: endpoint(options.metrics, '/metrics'),
+    metricsRegistry: options.metricsRegistry ?? null,
+    closeCode: options.closeCode,
+    drainTimeout: options.drainTimeout,
+    handshakeTimeout: options.handshakeTimeout,
+    routes
+  }
+}
+
+function endpoint (option: boolean | string | undefined, fallback: string): string | null {
+  return option === true ? fallback : typeof option === 'string' ? option : null
 }
 
 /** A route reaches its upstream one way: `upstream` (or a sub-protocol map), `target` or `resolveUpstream`. */

@@ -15,6 +15,8 @@ export interface UpstreamStatus {
   failures: number
   lastError: string | null
   tls: boolean
+  /** Chosen per request (a query target, resolveUpstream), not configured. */
+  dynamic: boolean
 }
 
 /** One upstream of a route, with its passive health. */
@@ -33,7 +35,7 @@ export class UpstreamEntry {
 
   status (): UpstreamStatus {
     const { label, tls } = this.target
-    return { upstream: label, state: this.down ? 'down' : 'up', connections: this.connections, failures: this.failures, lastError: this.lastError, tls: tls !== null }
+    return { upstream: label, state: this.down ? 'down' : 'up', connections: this.connections, failures: this.failures, lastError: this.lastError, tls: tls !== null, dynamic: this.dynamic }
   }
 }
 

@@ -1,0 +1,75 @@
+import cluster, { type Worker } from 'node:cluster'
+import { hostname } from 'node:os'
+
+// A worker that dies is replaced, unless workers die this often: then the fault is not going away.
+const CRASH_LIMIT = 5
+const CRASH_WINDOW = 10000
+// How long the workers get to close their bridges after SIGTERM before they are killed.
+const STOP_TIMEOUT = 10000
+
+/** Forks `count` workers, each running the gateway on the port they share, and keeps them running until
+ *  SIGTERM or SIGINT, then stops them. Exits the process: 0 when every worker stopped in time, else 1. */
+export function runPrimary (count: number): void {
+  const workers = new Set<Worker>()
+  const deaths: number[] = []
+  let stopping = false
+  let exitCode = 0
+
+  function fork (): void {
+    const worker = cluster.fork()
+    workers.add(worker)
+    worker.on('exit', (code: number | null, signal: string | null) => {
+      workers.delete(worker)
+      if (stopping) {
+        if (workers.size === 0) process.exit(exitCode)
+        return
+      }
+      const now = Date.now()
+      deaths.push(now)
+      while (deaths[0] <= now - CRASH_WINDOW) deaths.shift()
+      if (deaths.length >= CRASH_LIMIT) {
+        log(50, { worker: worker.process.pid, code, signal }, `wstunnel workers died ${deaths.length} times in ${CRASH_WINDOW / 1000} s, giving up`)
+        stop(1)
+        return
+      }
+      log(40, { worker: worker.process.pid, code, signal }, 'wstunnel worker died, starting another')
+      fork()
+    })
+  }
+
+  function stop (code: number): void {
+    stopping = true
+    exitCode = code
+    if (workers.size === 0) process.exit(exitCode)
+    // Each worker closes gracefully on SIGTERM (every bridge gets 1001) and exits.
+    for (const worker of workers) worker.process.kill('SIGTERM')
+    setTimeout(() => {
+      log(50, { workers: [...workers].map(worker => worker.process.pid) }, `wstunnel workers still running after ${STOP_TIMEOUT / 1000} s, killing them`)
+      kill(1)
+    }, STOP_TIMEOUT)
+  }
+
+  function kill (code: number): void {
+    exitCode = code
+    for (const worker of workers) worker.process.kill('SIGKILL')
+  }
+
+  function onSignal (signal: NodeJS.Signals): void {
+    if (stopping) {
+      kill(1) // a second signal: stop waiting
+      return
+    }
+    log(30, { signal }, 'wstunnel stopping workers')
+    stop(0)
+  }
+
+  process.on('SIGTERM', onSignal)
+  process.on('SIGINT', onSignal)
+  log(30, { workers: count }, 'wstunnel starting workers')
+  for (let i = 0; i < count; i++) fork()
+}
+
+/** Writes one JSON log line shaped like the workers' (Fastify's pino) lines. */
+function log (level: number, fields: Record<string, unknown>, msg: string): void {
+  process.stdout.write(`${JSON.stringify({ level, time: Date.now(), pid: process.pid, hostname: hostname(), ...fields, msg })}\n`)
+}
