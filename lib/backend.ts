@@ -45,6 +45,8 @@ export interface BackendState {
   pools: Map<string, RoutePool>
   /** Each route's counters, by the route's full path. */
   stats: Map<string, RouteStats>
+  /** Feeds the connect-time histogram, when metrics are on: route's full path, seconds. */
+  observeConnect: ((route: string, seconds: number) => void) | null
   /** How bridges are closed on shutdown: the code, and how long upstream bytes may still flow first. */
   drain: { code: 1001 | 1012, timeout: number }
   /** Called when the plugin closes: health checks, token file watchers. */
@@ -77,8 +79,11 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
     if (target?.from === 'token') configured.push(...[...target.tokens.values(), ...target.fileTokens.values()].flat())
     const pool = new RoutePool(route, configured, fastify.log)
     const counters = new RouteStats()
-    state.pools.set(fastify.prefix + route.path, pool)
-    state.stats.set(fastify.prefix + route.path, counters)
+    const fullPath = fastify.prefix + route.path
+    state.pools.set(fullPath, pool)
+    state.stats.set(fullPath, counters)
+    const observe = state.observeConnect
+    if (observe !== null) counters.observeConnect = seconds => { observe(fullPath, seconds) }
     let pending = 0
     state.stoppers.push(() => { pool.close() })
     if (route.healthCheck !== null) pool.startChecks(route.healthCheck.interval)

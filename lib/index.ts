@@ -48,6 +48,7 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     pools: new Map(),
     stats: new Map(),
     stoppers: [],
+    observeConnect: null,
     drain: { code: options.closeCode, timeout: options.drainTimeout }
   }
   setMaxListeners(0, state.connecting.signal) // one listener per upstream connect in progress
@@ -113,7 +114,9 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
     if (registry.getSingleMetric('wstunnel_bridges_open') !== undefined) {
       throw new InvalidOptionsError('metricsRegistry: another registration of fastify-wstunnel already exports its metrics to this registry')
     }
-    state.stoppers.push(registerMetrics(registry, () => routeSnapshots(state), () => state.stats))
+    const metrics = registerMetrics(registry, () => routeSnapshots(state), () => state.stats)
+    state.observeConnect = metrics.observe
+    state.stoppers.push(metrics.remove)
   }
 
   const { prefix, logLevel } = options

@@ -2,8 +2,10 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client'
 import type { RouteStats, RouteStatsSnapshot } from './stats'
 
 /** The plugin's metrics in a prom-client registry: read from `stats()` at each scrape (nothing is counted twice),
- *  with a route label and never one per connection. Returns the function that takes them out again. */
-export function registerMetrics (registry: Registry, stats: () => Record<string, RouteStatsSnapshot>, routes: () => Map<string, RouteStats>): () => void {
+ *  with a route label and never one per connection; only the connect-time histogram is fed as connects happen,
+ *  through `observe`. `remove` takes them out of the registry again. */
+export function registerMetrics (registry: Registry, stats: () => Record<string, RouteStatsSnapshot>, routes: () => Map<string, RouteStats>):
+{ observe: (route: string, seconds: number) => void, remove: () => void } {
   const registers = [registry]
   const perRoute = (name: string, help: string, value: (route: RouteStatsSnapshot) => number): Gauge => new Gauge({
     name,
@@ -56,9 +58,10 @@ export function registerMetrics (registry: Registry, stats: () => Record<string,
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers
   })
-  for (const [route, counters] of routes()) counters.observeConnect = seconds => { connect.observe({ route }, seconds) }
-  return () => {
-    for (const metric of [...metrics, connect]) registry.removeSingleMetric((metric as unknown as { name: string }).name)
-    for (const counters of routes().values()) counters.observeConnect = null
+  return {
+    observe (route, seconds) { connect.observe({ route }, seconds) },
+    remove () {
+      for (const metric of [...metrics, connect]) registry.removeSingleMetric((metric as unknown as { name: string }).name)
+    }
   }
 }
