@@ -424,8 +424,9 @@ export function describeErrors (schema: TSchema, errors: SchemaError[]): string[
   // For a union, report only the branch whose shape fits the value, or the union's own message. Inner unions
   // come first in the list, so an outer one knows which of its branches are shapeless.
   for (const union of errors.filter(error => error.keyword === 'anyOf')) {
+    // Errors of this value and of what it holds: not of a sibling whose name merely starts the same ('abc', 'abcd').
     const inside = errors.filter(error => error.schemaPath.startsWith(union.schemaPath + '/anyOf/') &&
-      error.instancePath.startsWith(union.instancePath))
+      (error.instancePath === union.instancePath || error.instancePath.startsWith(union.instancePath + '/')))
     const branchOf = (error: SchemaError) => error.schemaPath.slice(union.schemaPath.length + 7).split('/')[0]
     const branchPath = (error: SchemaError) => `${union.schemaPath}/anyOf/${branchOf(error)}`
     // A branch is misshapen when its own type does not fit, when it is a shapeless union, or when a constant of

@@ -3,7 +3,7 @@ import type { FastifyRequest, onRequestHookHandler } from 'fastify'
 import type { WebSocketServer } from 'ws'
 import { BadSubprotocolHeaderError, SubprotocolRefusedError } from './errors'
 import type { ResolvedRoute } from './options'
-import { redactBearerEntries } from './token'
+import { tokenId } from './token'
 
 const kChosen = Symbol('wstunnel.subprotocol')
 type RawWithChoice = IncomingMessage & { [kChosen]?: string | null }
@@ -51,8 +51,7 @@ export function selectSubprotocol (route: Pick<ResolvedRoute, 'subprotocols' | '
         offered = parseSubprotocols(header)
       } catch (err) {
         // The message quotes the bad entry, which may be a token: its id goes in the answer and the log.
-        const message = (err as Error).message
-        return done(new BadSubprotocolHeaderError(bearer === null ? message : redactBearerEntries(message, bearer)))
+        return done(new BadSubprotocolHeaderError(bearer === null ? (err as Error).message : redactedProblem(header, bearer)))
       }
       if (bearer !== null) {
         offered = offered.filter(name => !name.startsWith(bearer))
@@ -70,6 +69,17 @@ export function selectSubprotocol (route: Pick<ResolvedRoute, 'subprotocols' | '
     ;(request.raw as RawWithChoice)[kChosen] = chosen
     done()
   }
+}
+
+/** What is wrong with a header that holds token entries, told with each token replaced by its id first. */
+function redactedProblem (header: string, bearer: string): string {
+  const redacted = header.split(',').map(entry => entry.trim().startsWith(bearer) ? bearer + tokenId(entry.trim().slice(bearer.length)) : entry).join(',')
+  try {
+    parseSubprotocols(redacted)
+  } catch (err) {
+    return (err as Error).message
+  }
+  return `a "${bearer}<token>" entry holds a character a sub-protocol name cannot`
 }
 
 /** The sub-protocol the route's hook chose for this request, or null. */

@@ -30,6 +30,8 @@ export class UpstreamEntry {
   backoff = 0
   lastError: string | null = null
   checking = false
+  /** Requests holding this entry between choosing it and their connect's end: a dynamic entry stays till 0. */
+  held = 0
 
   constructor (readonly target: UpstreamTarget, readonly dynamic: boolean, readonly key: string) {}
 
@@ -47,7 +49,8 @@ const DYNAMIC_LIMIT = 1024
 export class RoutePool {
   private readonly entries = new Map<string, UpstreamEntry>()
   private dynamicCount = 0
-  private turn = 0
+  /** Round-robin's next turn for each list of upstreams a request may be given (by their keys). */
+  private readonly turns = new Map<string, number>()
   private checkTimer: NodeJS.Timeout | null = null
   private readonly probes = new Set<Socket>()
 
@@ -55,9 +58,13 @@ export class RoutePool {
     for (const target of staticTargets) this.entry(target, false)
   }
 
-  /** The entries for these targets, created on first use. */
+  /** The entries for these targets, created on first use, held until `connect` is done with them. */
   entriesFor (targets: UpstreamTarget[], dynamic: boolean): UpstreamEntry[] {
-    return targets.map(target => this.entry(target, dynamic))
+    return targets.map(target => {
+      const entry = this.entry(target, dynamic)
+      entry.held++
+      return entry
+    })
   }
 
   private entry (target: UpstreamTarget, dynamic: boolean): UpstreamEntry {
@@ -73,7 +80,7 @@ export class RoutePool {
 
   private evictDynamic (): void {
     for (const [key, entry] of this.entries) {
-      if (entry.dynamic && entry.connections === 0 && entry.connecting === 0) {
+      if (entry.dynamic && entry.connections === 0 && entry.connecting === 0 && entry.held === 0) {
         this.entries.delete(key)
         if (--this.dynamicCount <= DYNAMIC_LIMIT) return
       }
@@ -82,7 +89,7 @@ export class RoutePool {
 
   /** Forgets a dynamic entry once nothing uses it and it is healthy. */
   private release (entry: UpstreamEntry): void {
-    if (!entry.dynamic || entry.connections > 0 || entry.connecting > 0 || entry.down || entry.failures > 0) return
+    if (!entry.dynamic || entry.connections > 0 || entry.connecting > 0 || entry.held > 0 || entry.down || entry.failures > 0) return
     if (this.entries.get(entry.key) === entry) {
       this.entries.delete(entry.key)
       this.dynamicCount--
@@ -102,13 +109,23 @@ export class RoutePool {
     const down: UpstreamEntry[] = []
     for (const entry of list) (entry.down && entry.retryAt > now ? down : up).push(entry)
     if (up.length > 1 && policy !== 'first' && policy !== 'client-ip') {
-      up = rotate(up, policy === 'random' ? Math.floor(Math.random() * up.length) : this.turn++ % up.length)
+      up = rotate(up, policy === 'random' ? Math.floor(Math.random() * up.length) : this.nextTurn(entries) % up.length)
       // A stable sort keeps the turn among equals, so ties still take turns.
       if (policy === 'least-connections') up.sort((a, b) => (a.connections + a.connecting) - (b.connections + b.connecting))
     }
     if (down.length === 0) return up
     down.sort((a, b) => a.retryAt - b.retryAt)
     return [...up, ...down]
+  }
+
+  /** The turn of this list of upstreams: lists given alternately (tokens, a sub-protocol map) each take turns of
+   *  their own. Lists chosen per request are many: past 1024 of them, the count starts over. */
+  private nextTurn (entries: UpstreamEntry[]): number {
+    const list = entries.map(entry => entry.key).join('\n')
+    const turn = this.turns.get(list) ?? 0
+    if (this.turns.size >= 1024 && turn === 0) this.turns.clear()
+    this.turns.set(list, turn + 1)
+    return turn
   }
 
   /** Connects to the first of `entries` (in `order`) that accepts, within one connectTimeout for them all:
@@ -155,8 +172,9 @@ export class RoutePool {
       : new UpstreamUnreachableError(details, tried.length, entries.length)
   }
 
-  /** Forgets the dynamic entries of a request that nothing uses now (those not tried, those done with). */
+  /** A request is done with its entries: the dynamic ones nothing else uses are forgotten. */
   private releaseAll (entries: UpstreamEntry[]): void {
+    for (const entry of entries) entry.held--
     for (const entry of entries) this.release(entry)
   }
 
@@ -241,14 +259,16 @@ const tlsDigests = new WeakMap<object, string>()
 
 function entryKey (target: UpstreamTarget): string {
   const tls = target.tls
-  if (tls === null) return target.label
+  // By kind and address, not by label: { host: 'unix', port: 80 } and { path: '80' } are both labelled 'unix:80'.
+  const address = 'path' in target ? `path ${target.path}` : `tcp ${target.host} ${target.port}`
+  if (tls === null) return address
   let digest = tlsDigests.get(tls)
   if (digest === undefined) {
     const { servername, rejectUnauthorized, ca, cert, key } = tls
     digest = createHash('sha256').update(JSON.stringify([servername, rejectUnauthorized, String(ca), String(cert), String(key)])).digest('hex')
     tlsDigests.set(tls, digest)
   }
-  return `${target.label} tls:${digest}`
+  return `${address} tls ${digest}`
 }
 
 /** FNV-1a: a client address to a stable number. */

@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import { spawn } from 'node:child_process'
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { openClient, startGateway, startTcp, waitFor, type Client, type TcpServer } from './helpers'
+import { RoutePool } from '../lib/upstream-pool'
 
 /** A TCP server that greets each connection with its name, then echoes. */
 function startNamed (name: string): Promise<TcpServer> {
@@ -243,4 +244,24 @@ test('least-connections takes turns among equals; a down upstream\'s share is sp
   const reached = await names(`${gateway.url}/rr`, 9)
   assert.deepEqual(['A', 'C', 'D'].map(name => reached.filter(other => other === name).length), [3, 3, 3], reached.join(''))
   assert.equal(gateway.app.wstunnel.upstreams()['/rr'].find(entry => entry.upstream === b.address)?.failures, 1, 'B, down, was not tried')
+})
+
+test('lists given alternately take turns of their own; a unix path and a host named like it are two upstreams', { timeout: 20000 }, async (t) => {
+  const servers = await Promise.all(['a1', 'a2', 'b1', 'b2'].map(startNamed))
+  t.after(async () => { await Promise.all(servers.map(server => server.close())) })
+  const [a1, a2, b1, b2] = servers
+  const gateway = await startGateway({ routes: { '/m': { subprotocols: { a: [a1.address, a2.address], b: [b1.address, b2.address] } } } })
+  t.after(() => gateway.app.close())
+  const reached: string[] = []
+  for (const protocol of ['a', 'b', 'a', 'b']) {
+    const ws = await openClient(`${gateway.url}/m`, protocol)
+    await waitFor(() => ws.inbox.length > 0)
+    reached.push(ws.inbox[0].data.toString().trim())
+    ws.close()
+  }
+  assert.deepEqual(reached, ['a1', 'b1', 'a2', 'b2'])
+
+  const pool = new RoutePool(gateway.app.wstunnel as never, [], gateway.app.log)
+  const [tcp, unix] = pool.entriesFor([{ host: 'unix', port: 80, label: 'unix:80', tls: null }, { path: '80', label: 'unix:80', tls: null }], false)
+  assert.notEqual(tcp, unix)
 })

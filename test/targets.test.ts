@@ -296,3 +296,68 @@ test('upstreams chosen per request are listed while in use, balanced by their op
   for (const ws of clients) ws.close()
   await waitFor(() => gateway.app.wstunnel.upstreams()['/r'].length === 0)
 })
+
+test('option errors of sibling keys that start alike are all reported (tokens abc and abcd, upstream[1] and [10])', async () => {
+  const app = Fastify()
+  const upstreams = Array.from({ length: 11 }, () => '127.0.0.1:1')
+  upstreams[1] = 'bad'
+  ;(upstreams as unknown[])[10] = { host: 'h', port: 0 }
+  await assert.rejects(async () => {
+    await app.register(wstunnel, {
+      routes: {
+        '/t': { target: { from: 'token', tokens: { abc: { host: 'h', port: 0 }, abcd: 'nope' } } },
+        '/u': { upstream: upstreams as never }
+      }
+    })
+  }, (err: Error) => {
+    assert.match(err.message, /routes\['\/t'\]\.target\.tokens\.abc\.port: must be an integer/)
+    assert.match(err.message, /routes\['\/t'\]\.target\.tokens\.abcd: must be/)
+    assert.match(err.message, /routes\['\/u'\]\.upstream\[1\]: must be/)
+    assert.match(err.message, /routes\['\/u'\]\.upstream\[10\]\.port: must be an integer/)
+    return true
+  })
+  await app.close()
+})
+
+test('an upstream chosen per request stays counted while another request is still connecting through the same list', { timeout: 20000 }, async (t) => {
+  const [, vm2] = await twoVms(t)
+  const silent = await startTcp(socket => { socket.resume() }) // a TLS upstream that never answers
+  t.after(() => silent.close())
+  const slowFirst = [{ host: '127.0.0.1', port: silent.port, tls: true }, vm2.address]
+  const gateway = await startGateway({
+    routes: { '/r': { resolveUpstream: (request) => (request.query as { slow?: string }).slow !== undefined ? slowFirst : vm2.address, balance: 'first', connectTimeout: 1000 } }
+  })
+  t.after(() => gateway.app.close())
+  const first = openClient(`${gateway.url}/r?slow=1`) // waits on the silent one, then reaches vm2
+  await waitFor(() => silent.connections === 1)
+  const second = await openClient(`${gateway.url}/r`)
+  second.close()
+  await waitFor(() => vm2.sockets.size === 0)
+  const third = await openClient(`${gateway.url}/r`)
+  const ws = await first
+  const listed = gateway.app.wstunnel.upstreams()['/r'].find(entry => entry.upstream === vm2.address)
+  assert.equal(listed?.connections, 2, 'both bridges to vm2 are counted on the one listed entry')
+  ws.close()
+  third.close()
+})
+
+test('a token with a quote in it is not quoted in the 400 either', { timeout: 10000 }, async (t) => {
+  const gateway = await startGateway({ routes: { '/s': { target: { from: 'token', tokens: { x: '127.0.0.1:1' }, source: 'subprotocol' }, subprotocols: ['chat'] } } })
+  t.after(() => gateway.app.close())
+  const { request } = await import('node:http')
+  const body = await new Promise<string>((resolve, reject) => {
+    const req = request(`${gateway.url.replace('ws', 'http')}/s`, {
+      headers: { connection: 'upgrade', upgrade: 'websocket', 'sec-websocket-version': '13', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-protocol': 'chat, token.abc"SECRETTAIL' }
+    })
+    req.on('response', (response) => {
+      let text = ''
+      response.on('data', (chunk: Buffer) => { text += chunk.toString() })
+      response.on('end', () => { resolve(text) })
+    })
+    req.on('error', reject)
+    req.end()
+  })
+  assert.match(body, /FST_WSTUNNEL_BAD_SUBPROTOCOL_HEADER/)
+  await waitFor(() => gateway.logs.lines.length > 0)
+  assert.ok(!body.includes('SECRETTAIL') && !JSON.stringify(gateway.logs.lines).includes('SECRETTAIL'))
+})
