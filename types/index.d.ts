@@ -7,6 +7,7 @@ import type {
 import type { WstunnelDecorator as Decorator } from '../dist/index'
 import type { UpstreamStatus as Status } from '../dist/upstream-pool'
 import type { ResolveUpstream as Resolve } from '../dist/target'
+import type { RouteStatsSnapshot as Snapshot, RefusalReason as Reason } from '../dist/stats'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -29,6 +30,10 @@ declare namespace fastifyWstunnel {
   export type UpstreamStatus = Status
   /** A route's `resolveUpstream`: (request) => upstream | upstream[] | null, or a promise of one. */
   export type ResolveUpstream = Resolve
+  /** One route's counters (or their total) in `fastify.wstunnel.stats()`. */
+  export type RouteStatsSnapshot = Snapshot
+  /** Why a handshake was refused, as stats and metrics count it. */
+  export type RefusalReason = Reason
   export const fastifyWstunnel: FastifyWstunnel
   export { fastifyWstunnel as default }
 }

@@ -1,6 +1,7 @@
 import Fastify from 'fastify'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
-import wstunnel, { fastifyWstunnel, type FastifyWstunnelOptions, type UpstreamOption, type UpstreamStatus } from '..'
+import { Registry } from 'prom-client'
+import wstunnel, { fastifyWstunnel, type FastifyWstunnelOptions, type RouteStatsSnapshot, type UpstreamOption, type UpstreamStatus } from '..'
 
 const app = Fastify()
 
@@ -40,6 +41,23 @@ app.register(wstunnel, {
   }
 })
 
+app.register(wstunnel, {
+  health: true,
+  metrics: '/internal/metrics',
+  metricsRegistry: new Registry(),
+  closeCode: 1012,
+  drainTimeout: 5000,
+  handshakeTimeout: 5000,
+  maxConnections: 1000,
+  maxConnectionsPerIp: 20,
+  maxPendingHandshakes: 100,
+  handshakeRate: { max: 10, timeWindow: 1000 },
+  logLevel: 'warn',
+  routes: { '/vnc': { upstream: '127.0.0.1:5900', maxConnections: 10, logLevel: 'debug' } }
+})
+
+expectError(app.register(wstunnel, { closeCode: 1000, routes: {} }))
+expectError(app.register(wstunnel, { health: 5, routes: {} }))
 expectError(app.register(wstunnel, { routes: { '/x': { upstream: 5900 } } }))
 expectError(app.register(wstunnel, { routes: { '/x': { upstream: '127.0.0.1:1', balance: 'fastest' } } }))
 expectError(app.register(wstunnel, { routes: { '/x': { target: { from: 'token', source: 'header' } } } }))
@@ -59,3 +77,5 @@ expectType<number>(app.wstunnel.connections)
 expectType<number>(app.wstunnel.bufferedBytes())
 expectType<Record<string, UpstreamStatus[]>>(app.wstunnel.upstreams())
 expectType<'up' | 'down'>(app.wstunnel.upstreams()['/x'][0].state)
+expectType<RouteStatsSnapshot>(app.wstunnel.stats().total)
+expectType<number>(app.wstunnel.stats().routes['/x'].refused.origin)
