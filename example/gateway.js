@@ -16,6 +16,8 @@ async function main () {
   const app = Fastify({ logger: true })
 
   await app.register(wstunnel, {
+    health: true, // GET /health, for a load balancer
+    metrics: true, // GET /metrics, Prometheus text
     routes: {
       '/echo': { upstream: echoes.map(echo => ({ host: '127.0.0.1', port: echo.address().port })), frame: 'text' },
       '/chat': { upstream: `127.0.0.1:${chat.address().port}`, frame: 'text', idleTimeout: 300000 }
@@ -24,6 +26,7 @@ async function main () {
   const page = readFileSync(join(__dirname, 'index.html'))
   app.get('/', (_request, reply) => reply.type('text/html; charset=utf-8').send(page))
   app.get('/upstreams', async () => app.wstunnel.upstreams())
+  app.get('/stats', async () => app.wstunnel.stats())
   app.addHook('onClose', async () => {
     for (const echo of echoes) echo.close()
     chat.close()

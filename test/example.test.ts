@@ -45,6 +45,12 @@ test('the example gateway serves its page and bridges the echo and chat backends
   assert.deepEqual(upstreams['/echo'].map(entry => entry.state), ['up', 'up'])
   assert.equal(upstreams['/chat'][0].connections, 2)
   assert.match(html, /\/upstreams/)
+  assert.match(html, /\/stats/)
+  const stats = await (await fetch(base + '/stats')).json() as { total: { open: number }, routes: Record<string, { opened: number }> }
+  assert.equal(stats.total.open, 3)
+  assert.equal(stats.routes['/chat'].opened, 2)
+  assert.equal((await fetch(base + '/health')).status, 200)
+  assert.match(await (await fetch(base + '/metrics')).text(), /wstunnel_bridges_open\{route="\/echo"\} 1/)
 
   for (const ws of [echo, alice, bob]) ws.close()
   child.kill('SIGTERM')
