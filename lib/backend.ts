@@ -12,12 +12,12 @@ import { checkHandshake } from './handshake'
 import { checkOrigin } from './origin'
 import { chosenSubprotocol, selectSubprotocol } from './subprotocol'
 import { proxyHeader } from './proxy-protocol'
-import { ClientGoneError, RateLimitedError, ShuttingDownError, TooManyPendingError } from './errors'
+import { ClientGoneError, ShuttingDownError, TooManyPendingError } from './errors'
 import rateLimit from '@fastify/rate-limit'
 import type { Registry } from 'prom-client'
 import { healthHandler } from './health'
 import { RouteStats, refusalReason, type RefusalReason } from './stats'
-import { connectionLimits } from './limits'
+import { connectionLimits, handshakeRateLimit } from './limits'
 import { releaseUpgradeResponse } from './private-internals'
 
 const kPending = Symbol('wstunnel.pending-upstream')
@@ -33,7 +33,8 @@ interface Pending {
 }
 
 const kRefusal = Symbol('wstunnel.refusal')
-type RawWithPending = FastifyRequest['raw'] & { [kPending]?: Pending, [kRefusal]?: RefusalReason }
+/** Why the handshake was refused; null once counted. */
+type RawWithPending = FastifyRequest['raw'] & { [kPending]?: Pending, [kRefusal]?: RefusalReason | null }
 
 /** What the plugin and its routes share: the open bridges, and whether the server is closing. */
 export interface BackendState {
@@ -64,9 +65,8 @@ export interface BackendOptions {
  *  its pool, chosen by the route's balance policy and passive health, or per request by its target. */
 export async function backend (fastify: FastifyInstance, { routes, state, endpoints }: BackendOptions): Promise<void> {
   const { bridges } = state
-  if (routes.some(route => route.handshakeRate !== null)) {
-    await fastify.register(rateLimit, { global: false, errorResponseBuilder: (_request, context) => new RateLimitedError(context.after) })
-  }
+  // For createRateLimit only: an app that registered @fastify/rate-limit already has it.
+  if (routes.some(route => route.handshakeRate !== null) && !fastify.hasDecorator('createRateLimit')) await fastify.register(rateLimit, { global: false })
   if (endpoints.health !== null) fastify.get(endpoints.health, healthHandler(state))
   const metrics = endpoints.metrics
   if (metrics !== null) {
@@ -151,6 +151,8 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
       const { socket: upstream, entry } = connected
       if (client?.destroyed === true) {
         upstream.destroy()
+        ;(request.raw as RawWithPending)[kRefusal] = 'client_gone'
+        countRefusal(request.raw as RawWithPending)
         return
       }
       // If the upgrade never completes (client gone, handshake refused), the upstream goes too.
@@ -214,9 +216,16 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
       if (state.closing) opened.shutdown() // upgraded after the plugin's preClose
     }
 
+    function countRefusal (raw: RawWithPending): void {
+      if (raw[kRefusal] === null) return // counted already
+      counters.refuse(raw[kRefusal] ?? 'other')
+      raw[kRefusal] = null
+    }
+
     // Cheapest first; a route pays only for the checks it has.
     const onRequest = [
       checkHandshake,
+      ...route.handshakeRate !== null ? [handshakeRateLimit(fastify, route.handshakeRate)] : [],
       ...route.maxConnections > 0 || route.maxConnectionsPerIp > 0 ? [connectionLimits(route.maxConnections, route.maxConnectionsPerIp)] : [],
       ...route.origins !== null || route.requireOrigin ? [checkOrigin(route)] : [],
       selectSubprotocol(route)
@@ -231,15 +240,16 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
       preHandler: connectBeforeUpgrade,
       logSerializers,
       ...route.logLevel === undefined ? {} : { logLevel: route.logLevel },
-      // @fastify/rate-limit's hook, on this route only: 429 with Retry-After.
-      ...route.handshakeRate === null ? {} : { config: { rateLimit: { ...route.handshakeRate, hook: 'onRequest' as const } } },
       // A refused handshake is counted once, by the reason of the error that refused it (else 'other').
       onError (request, _reply, error, done) {
-        (request.raw as RawWithPending)[kRefusal] = refusalReason((error as { code?: string }).code)
+        const raw = request.raw as RawWithPending
+        raw[kRefusal] = refusalReason((error as { code?: string }).code)
+        // A client that has gone gets no response, so no onResponse: counted here.
+        if (raw.socket?.destroyed === true) countRefusal(raw)
         done()
       },
       onResponse (request, reply, done) {
-        if (reply.statusCode !== 101) counters.refuse((request.raw as RawWithPending)[kRefusal] ?? 'other')
+        if (reply.statusCode !== 101) countRefusal(request.raw as RawWithPending)
         done()
       }
     }, bridge)

@@ -66,6 +66,7 @@ export class Bridge implements FrameTarget {
   private upstreamFinished = false
   private shutdownTimer: NodeJS.Timeout | null = null
   private drainTimer: NodeJS.Timeout | null = null
+  private draining = false
 
   constructor (readonly ws: WebSocket, readonly upstream: Socket, readonly context: BridgeContext) {
     const route = context.route
@@ -86,6 +87,7 @@ export class Bridge implements FrameTarget {
     // No traffic either way means no traffic on the upstream socket, so its timer is the idle timer.
     if (route.idleTimeout > 0) upstream.setTimeout(route.idleTimeout)
     context.bridges.add(this)
+    context.stats.live.add(this)
     context.heartbeat?.add(this)
     readUpstream(upstream, upstreamOnData, this.framer === null)
   }
@@ -121,9 +123,9 @@ export class Bridge implements FrameTarget {
     this.finishUpstream()
   }
 
-  /** Resumes reading the client if the bridge paused it. */
+  /** Resumes reading the client if the bridge paused it (not while draining: the client is not read then). */
   resumeClient (): void {
-    if (!this.clientPaused) return
+    if (!this.clientPaused || this.draining) return
     this.clientPaused = false
     this.ws.resume()
   }
@@ -179,7 +181,9 @@ export class Bridge implements FrameTarget {
     if (this.drainTimer !== null || this.shutdownTimer !== null) return
     const { timeout } = this.context.drain
     if (timeout === 0 || this.ws.readyState !== WebSocket.OPEN) return this.closeForShutdown()
+    this.draining = true
     this.ws.pause() // what the client sends now would go to an upstream about to be dropped
+    this.context.heartbeat?.delete(this) // its pongs are not read now: it must not be taken for dead
     const deadline = Date.now() + timeout
     let read = this.upstream.bytesRead
     const check = (): void => {
@@ -196,6 +200,7 @@ export class Bridge implements FrameTarget {
   }
 
   private closeForShutdown (): void {
+    this.draining = false
     const code = this.context.drain.code
     this.close(code, code === 1012 ? 'service restart' : 'server shutting down', 'gateway')
     this.upstream.destroy()
@@ -221,6 +226,7 @@ export class Bridge implements FrameTarget {
     if (this.drainTimer !== null) clearTimeout(this.drainTimer)
     const { route, client, upstream } = this.context
     const { clientToUpstream, upstreamToClient } = this.bytes()
+    this.context.stats.live.delete(this)
     this.context.stats.closed({ code: this.code, closedBy: this.closedBy, clientToUpstream, upstreamToClient })
     this.context.log.info({
       route: route.path,

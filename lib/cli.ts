@@ -94,11 +94,19 @@ export async function main (args: string[]): Promise<void> {
   const app = Fastify({ logger: true })
   await app.register(wstunnel, config.options)
   // A worker may be signalled twice (by its primary, and by a Ctrl-C or systemd stop sent to the whole
-  // process group): the second must not cut its graceful close short. The primary bounds the wait.
-  const onSecondSignal = cluster.isWorker ? () => {} : undefined
-  closeWithGrace({ delay: 5000, onSecondSignal }, async ({ err }) => {
+  // process group), and close-with-grace exits at once on a second signal: a worker closes on the first and
+  // ignores the others. Its primary bounds the wait.
+  const signals: Array<'SIGINT' | 'SIGTERM'> = cluster.isWorker ? ['SIGINT', 'SIGTERM'] : []
+  const grace = closeWithGrace({ delay: 5000, skip: signals }, async ({ err }) => {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     await app.close()
   })
+  let closing = false
+  for (const signal of signals) {
+    process.on(signal, () => {
+      if (!closing) grace.close()
+      closing = true
+    })
+  }
   await app.listen(config.listen)
 }

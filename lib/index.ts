@@ -9,7 +9,7 @@ import { resolveOptions, type FastifyWstunnelOptions } from './options'
 import { backend, type BackendState } from './backend'
 import type { UpstreamStatus } from './upstream-pool'
 import { Registry } from 'prom-client'
-import { RouteStats, totalOf, type RouteStatsSnapshot } from './stats'
+import { totalOf, type RouteStatsSnapshot } from './stats'
 import { registerMetrics } from './metrics'
 import { installHandshakeTimeout } from './limits'
 import { InvalidOptionsError } from './errors'
@@ -129,18 +129,10 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   })
 }
 
-/** Each route's counters with the bytes of its open bridges added. */
+/** Each route's counters, with the bytes of its live bridges added. */
 function routeSnapshots (state: BackendState): Record<string, RouteStatsSnapshot> {
-  const live = new Map<RouteStats, { clientToUpstream: number, upstreamToClient: number }>()
-  for (const bridge of state.bridges) {
-    const sum = live.get(bridge.context.stats) ?? { clientToUpstream: 0, upstreamToClient: 0 }
-    const bytes = bridge.bytes()
-    sum.clientToUpstream += bytes.clientToUpstream
-    sum.upstreamToClient += bytes.upstreamToClient
-    live.set(bridge.context.stats, sum)
-  }
   const routes: Record<string, RouteStatsSnapshot> = {}
-  for (const [path, counters] of state.stats) routes[path] = counters.snapshot(live.get(counters) ?? { clientToUpstream: 0, upstreamToClient: 0 })
+  for (const [path, counters] of state.stats) routes[path] = counters.snapshot()
   return routes
 }
 

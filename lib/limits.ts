@@ -1,7 +1,7 @@
 import type { Server } from 'node:http'
 import type { Socket } from 'node:net'
-import type { onRequestHookHandler } from 'fastify'
-import { TooManyConnectionsError, TooManyFromClientError } from './errors'
+import type { FastifyInstance, onRequestAsyncHookHandler, onRequestHookHandler } from 'fastify'
+import { RateLimitedError, TooManyConnectionsError, TooManyFromClientError } from './errors'
 
 /** A route's maxConnections and maxConnectionsPerIp, an onRequest hook: a handshake takes a slot, refused with
  *  503 or 429 when none is free, and gives it back when its socket closes (refused, bridged and ended, or
@@ -25,6 +25,20 @@ export function connectionLimits (max: number, maxPerIp: number): onRequestHookH
       else perIp.set(ip, left)
     })
     done()
+  }
+}
+
+/** A route's handshakeRate, an onRequest hook: past `max` handshakes from one client address in `timeWindow` ms,
+ *  429 with Retry-After. The counting is @fastify/rate-limit's (`createRateLimit`), called from this hook rather
+ *  than through route config, so that an app's own registration of that plugin neither skips nor answers for it. */
+export function handshakeRateLimit (fastify: FastifyInstance, limit: { max: number, timeWindow: number }): onRequestAsyncHookHandler {
+  const check = fastify.createRateLimit(limit)
+  return async function checkHandshakeRate (request, reply) {
+    const result = await check(request)
+    if (result.isAllowed || !result.isExceeded) return
+    const seconds = Math.max(1, result.ttlInSeconds)
+    reply.header('retry-after', seconds).header('x-ratelimit-limit', result.max).header('x-ratelimit-remaining', 0).header('x-ratelimit-reset', seconds)
+    throw new RateLimitedError(`${seconds} s`)
   }
 }
 

@@ -441,6 +441,11 @@ export function describeErrors (schema: TSchema, errors: SchemaError[]): string[
       if (error.keyword === 'boolean') continue // the echo of an unknown key, as deep as the key
       if (!misshapen.has(branchOf(error)) && (fitting === undefined || error.instancePath.length > fitting.instancePath.length)) fitting = error
     }
+    // A plain value that fits a branch's type but not its rule (a pattern, a constant) is better told by the
+    // union's own message, when it has one and the branch's rule has none.
+    const unionMessage = (resolvePointer(schema, union.schemaPath) as Record<string, unknown> | undefined)?.errorMessage
+    if (fitting !== undefined && fitting.instancePath === union.instancePath && typeof unionMessage === 'string' &&
+      typeof (resolvePointer(schema, fitting.schemaPath) as Record<string, unknown> | undefined)?.errorMessage !== 'string') fitting = undefined
     for (const error of inside) if (fitting === undefined || branchOf(error) !== branchOf(fitting)) dropped.add(error)
     if (fitting !== undefined) dropped.add(union)
     else shapeless.add(`${union.schemaPath} ${union.instancePath}`) // the same schema serves every route

@@ -37,7 +37,7 @@ export interface RouteStatsSnapshot {
   open: number
   /** Bridges opened since the start. */
   opened: number
-  /** Bridges closed, by close code (1005: none) and by the side that closed first. */
+  /** Bridges closed, by close code (1005: none; 3xxx and 4xxx: an application's) and by the side that closed first. */
   closed: { total: number, byCode: Record<string, number>, bySide: Record<ClosedBy, number> }
   refused: Record<RefusalReason, number>
   /** Payload bytes each way, of closed and open bridges. */
@@ -52,6 +52,8 @@ export interface ClosedBridge { code: number | undefined, closedBy: ClosedBy | u
 /** A route's counters. Updated once per handshake and once per bridge, never per message; bytes of open bridges
  *  are added when the stats are read. */
 export class RouteStats {
+  /** The route's bridges from open until both sides have closed: their bytes are read from them. */
+  readonly live = new Set<{ bytes: () => { clientToUpstream: number, upstreamToClient: number } }>()
   opened = 0
   readonly closedByKey = new Map<string, number>() // `${code} ${side}`: the Prometheus series too
   closedTotal = 0
@@ -76,15 +78,21 @@ export class RouteStats {
   }
 
   closed ({ code, closedBy, clientToUpstream, upstreamToClient }: ClosedBridge): void {
-    const key = `${code ?? 1005} ${closedBy ?? 'gateway'}`
+    const key = `${codeClass(code ?? 1005)} ${closedBy ?? 'gateway'}`
     this.closedByKey.set(key, (this.closedByKey.get(key) ?? 0) + 1)
     this.closedTotal++
     this.bytesUp += clientToUpstream
     this.bytesDown += upstreamToClient
   }
 
-  /** The counters, with `live` bytes of the route's open bridges added. */
-  snapshot (live: { clientToUpstream: number, upstreamToClient: number }): RouteStatsSnapshot {
+  /** The counters, with the bytes of the route's live bridges added. */
+  snapshot (): RouteStatsSnapshot {
+    const live = { clientToUpstream: 0, upstreamToClient: 0 }
+    for (const bridge of this.live) {
+      const bytes = bridge.bytes()
+      live.clientToUpstream += bytes.clientToUpstream
+      live.upstreamToClient += bytes.upstreamToClient
+    }
     const byCode: Record<string, number> = {}
     const bySide: Record<ClosedBy, number> = { client: 0, upstream: 0, gateway: 0 }
     for (const [key, count] of this.closedByKey) {
@@ -105,7 +113,7 @@ export class RouteStats {
 
 /** The sum of route snapshots. */
 export function totalOf (snapshots: RouteStatsSnapshot[]): RouteStatsSnapshot {
-  const total = new RouteStats().snapshot({ clientToUpstream: 0, upstreamToClient: 0 })
+  const total = new RouteStats().snapshot()
   for (const route of snapshots) {
     total.open += route.open
     total.opened += route.opened
@@ -120,6 +128,14 @@ export function totalOf (snapshots: RouteStatsSnapshot[]): RouteStatsSnapshot {
     total.upstreamConnect.maxMs = Math.max(total.upstreamConnect.maxMs, route.upstreamConnect.maxMs)
   }
   return total
+}
+
+/** A close code as counted: the codes RFC 6455 and IANA define as they are, an application's (3000-4999) by
+ *  its thousand, so that clients cannot make a metric series per code they choose. */
+export function codeClass (code: number): string {
+  if (code >= 1000 && code <= 1015) return String(code)
+  if (code >= 3000 && code <= 4999) return `${Math.floor(code / 1000)}xxx`
+  return 'other'
 }
 
 function emptyRefused (): Record<RefusalReason, number> {

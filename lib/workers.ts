@@ -8,7 +8,7 @@ const CRASH_WINDOW = 10000
 const STOP_TIMEOUT = 10000
 
 /** Forks `count` workers, each running the gateway on the port they share, and keeps them running until
- *  SIGTERM or SIGINT, then stops them. Exits the process: 0 when every worker stopped in time, else 1. */
+ *  SIGTERM or SIGINT, then stops them. Exits the process: 0 when every worker closed cleanly in time, else 1. */
 export function runPrimary (count: number): void {
   const workers = new Set<Worker>()
   const deaths: number[] = []
@@ -21,6 +21,9 @@ export function runPrimary (count: number): void {
     worker.on('exit', (code: number | null, signal: string | null) => {
       workers.delete(worker)
       if (stopping) {
+        log(30, { worker: worker.process.pid, code, signal }, 'wstunnel worker stopped')
+        // A worker that closed in time exits 0; one still starting has nothing to close, and the signal ends it.
+        if (code !== 0 && signal !== 'SIGTERM' && signal !== 'SIGINT') exitCode = 1
         if (workers.size === 0) process.exit(exitCode)
         return
       }

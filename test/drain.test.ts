@@ -90,3 +90,17 @@ test('SIGTERM to the command mid-stream: every byte the upstream wrote before th
   const [code] = await once(child, 'exit') as [number | null]
   assert.equal(code, 0)
 })
+
+test('a draining client is not taken for dead by the heartbeat: it still gets 1001', { timeout: 20000 }, async (t) => {
+  let upstream: Socket | undefined
+  const server = await startTcp(socket => { upstream = socket; socket.resume() })
+  t.after(() => server.close())
+  const gateway = await startGateway({ drainTimeout: 1500, pingInterval: 200, routes: { '/s': { upstream: server.address } } })
+  const ws = await openClient(`${gateway.url}/s`)
+  await waitFor(() => upstream !== undefined)
+  const stream = setInterval(() => { upstream?.write('x') }, 10) // never quiet: drains for all of drainTimeout
+  t.after(() => { clearInterval(stream) })
+  const closedWith = closed(ws)
+  await gateway.app.close()
+  assert.equal((await closedWith).code, 1001)
+})

@@ -112,3 +112,16 @@ test('handshakeTimeout cuts a client that sends half a request line and stops', 
   ws.close()
   assert.equal(echo.connections, 1)
 })
+
+test("handshakeRate is the route's own even when the app registered @fastify/rate-limit globally", { timeout: 20000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/r': { upstream: echo.address, handshakeRate: { max: 2, timeWindow: 60000 } } } }, async (app) => {
+    await app.register((await import('@fastify/rate-limit')).default, { global: true, max: 1000 })
+  })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  for (let index = 0; index < 2; index++) (await openClient(`${gateway.url}/r`)).close()
+  const limited = await refusal(`${gateway.url}/r`)
+  assert.equal(limited.statusCode, 429)
+  assert.equal(limited.body.code, 'FST_WSTUNNEL_RATE_LIMITED')
+  assert.equal(gateway.app.wstunnel.stats().routes['/r'].refused.limit, 1)
+})

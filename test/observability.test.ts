@@ -1,5 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
+import { once } from 'node:events'
+import { createServer, type Socket } from 'node:net'
 import { Registry } from 'prom-client'
 import { closed, openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
 
@@ -45,7 +47,7 @@ test('stats() counts bridges, closes by code and side, refusals by reason, bytes
   const echoStats = routes['/echo']
   assert.equal(echoStats.opened, 2)
   assert.equal(echoStats.open, 0)
-  assert.equal(echoStats.closed.byCode['4000'], 1)
+  assert.equal(echoStats.closed.byCode['4xxx'], 1, 'an application close code counts by its thousand')
   assert.equal(echoStats.closed.bySide.client, 1)
   assert.equal(echoStats.closed.bySide.upstream, 1)
   assert.deepEqual(echoStats.bytes, { clientToUpstream: 1000, upstreamToClient: 1000 })
@@ -144,4 +146,43 @@ test('health answers 503 "closing" while the server drains', { timeout: 20000 },
   }
   await closing
   ws.terminate()
+})
+
+test('a bridge whose client has closed still counts, bytes and all, until its upstream has finished too', { timeout: 20000 }, async (t) => {
+  let upstream: Socket | undefined
+  // Reads, and does not end when it reads EOF: the gateway's half-close leaves it open.
+  const server = createServer({ allowHalfOpen: true }, socket => { upstream = socket; socket.on('error', () => {}); socket.resume() })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const gateway = await startGateway({ closeTimeout: 1000, routes: { '/h': { upstream: `127.0.0.1:${(server.address() as { port: number }).port}` } } })
+  t.after(async () => { await gateway.app.close(); upstream?.destroy(); server.close() })
+  const ws = await openClient(`${gateway.url}/h`)
+  await waitFor(() => upstream !== undefined)
+  upstream!.write(Buffer.alloc(3000))
+  await receiveBytes(ws, 3000)
+  ws.close()
+  await closed(ws)
+  const during = gateway.app.wstunnel.stats().routes['/h']
+  assert.equal(during.open, 1, 'the upstream has closeTimeout to finish')
+  assert.equal(during.bytes.upstreamToClient, 3000)
+  await waitFor(() => gateway.app.wstunnel.stats().routes['/h'].open === 0, 5000)
+  assert.equal(gateway.app.wstunnel.stats().routes['/h'].bytes.upstreamToClient, 3000)
+})
+
+test('a client that resets its connection while its upstream connects is counted as gone', { timeout: 20000 }, async (t) => {
+  const silent = await startTcp(socket => { socket.resume() }) // a TLS upstream that never answers
+  const gateway = await startGateway({ routes: { '/g': { upstream: { host: '127.0.0.1', port: silent.port, tls: true }, connectTimeout: 1500 } } })
+  t.after(async () => { await gateway.app.close(); await silent.close() })
+  const { connect } = await import('node:net')
+  const client = connect(Number(new URL(gateway.url).port), '127.0.0.1')
+  client.on('error', () => {})
+  client.write('GET /g HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  await waitFor(() => silent.connections === 1)
+  client.resetAndDestroy()
+  await waitFor(() => {
+    const refused = gateway.app.wstunnel.stats().routes['/g'].refused
+    return refused.client_gone + refused.upstream === 1
+  }, 5000)
+  const refused = gateway.app.wstunnel.stats().routes['/g'].refused
+  assert.equal(refused.client_gone + refused.upstream, 1, `counted once: ${JSON.stringify(refused)}`)
 })

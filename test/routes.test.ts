@@ -241,3 +241,16 @@ test('the bound on messages ws assembles is 16 MiB, the largest route maxPayload
     assert.equal(app.websocketServer.options.maxPayload, expected)
   }
 })
+
+test('the operating options say what they accept when they are wrong', async () => {
+  assert.throws(() => resolveOptions({ routes: {}, closeCode: 1000, health: 'health', metrics: 5, drainTimeout: -1, routes2: 1 }), (err: Error) => {
+    assert.deepEqual(err.message.split('\n').slice(1).sort(), [
+      'closeCode: must be 1001 (going away) or 1012 (service restart)',
+      'drainTimeout: must be an integer from 0 to 2147483647',
+      "health: must be true, false or a path starting with '/'",
+      "metrics: must be true, false or a path starting with '/'",
+      'routes2: is not a known option'
+    ])
+    return true
+  })
+})
