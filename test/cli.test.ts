@@ -5,7 +5,7 @@ import { once } from 'node:events'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { openClient, receiveBytes, startEcho } from './helpers'
+import { openClient, receiveBytes, startEcho, waitFor } from './helpers'
 
 const BIN = join(__dirname, '..', 'bin', 'fastify-wstunnel.js')
 
@@ -78,6 +78,11 @@ test('bad config files and arguments print every problem and exit non-zero', { t
     { args: ['--config', join(dir, 'missing.json')], expect: [/cannot read .*missing\.json.*ENOENT/] },
     { args: ['8080', 'not-an-upstream'], expect: [/routes\['\/'\]\.upstream: must be/] },
     { args: ['99999', '127.0.0.1:5900'], expect: [/99999: must be \[host:\]port/] },
+    { args: ['--workers', '0', '8080', '127.0.0.1:5900'], expect: [/--workers 0: must be a whole number of processes, 1 or more, or auto/, /usage:/] },
+    { args: ['8080', '--workers', 'x', '127.0.0.1:5900'], expect: [/--workers x: must be a whole number/] },
+    { args: ['--config', invalid, '--workers', '-2'], expect: [/--workers -2: must be a whole number/] },
+    { args: ['8080', '127.0.0.1:5900', '--workers'], expect: [/--workers: must be a whole number/] },
+    { args: ['--workers', '2', '--workers', '2', '8080', '127.0.0.1:5900'], expect: [/usage:/] },
     { args: [], expect: [/usage:/] }
   ]
   for (const { args, expect } of cases) {
@@ -85,4 +90,26 @@ test('bad config files and arguments print every problem and exit non-zero', { t
     assert.equal(code, 2, `exit code for ${args.join(' ')}`)
     for (const pattern of expect) assert.match(stderr, pattern)
   }
+})
+
+test('--workers 1 (the default) serves from the one process, as without the flag', { timeout: 15000 }, async (t) => {
+  const echo = await startEcho()
+  const child = run(['127.0.0.1:0', '--workers', '1', echo.address])
+  t.after(async () => { child.kill('SIGKILL'); await echo.close() })
+
+  let output = ''
+  child.stdout!.on('data', (chunk: Buffer) => { output += String(chunk) })
+  await waitFor(() => output.includes('Server listening at'), 10000)
+  const url = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)![1].replace('http', 'ws')
+  const ws = await openClient(`${url}/`)
+  const reply = receiveBytes(ws, 2)
+  ws.send('hi')
+  assert.equal((await reply).toString(), 'hi')
+  await waitFor(() => output.includes('wstunnel bridge open'))
+  const exit = finished(child)
+  child.kill('SIGTERM')
+  assert.equal((await exit).code, 0)
+  const lines = output.split('\n').filter(line => line.startsWith('{')).map(line => JSON.parse(line) as { pid: number, msg: string })
+  assert.ok(lines.some(line => line.msg === 'wstunnel bridge open'))
+  assert.deepEqual(new Set(lines.map(line => line.pid)), new Set([child.pid]))
 })
