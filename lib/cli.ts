@@ -9,7 +9,7 @@ import { runPrimary } from './workers'
 
 const USAGE = `usage:
   fastify-wstunnel --config gateway.json [--workers N]
-      the plugin's options as JSON, plus "listen": { "port": 8080, "host": "127.0.0.1" }
+      the plugin's options as JSON, plus "listen": { "port": 8080, "host": "127.0.0.1", "trustProxy": "127.0.0.1" }
   fastify-wstunnel [--workers N] [host:]port upstream
       websockify style: bridges path / on [host:]port to upstream ('host:port', '[ipv6]:port' or 'unix:/path')
   --workers N
@@ -17,7 +17,8 @@ const USAGE = `usage:
 
 /** Where the gateway listens and what it serves, read from the command line. */
 export interface GatewayConfig {
-  listen: { port: number, host: string }
+  /** Where to listen, and Fastify's trustProxy for the clients' addresses behind a proxy. */
+  listen: { port: number, host: string, trustProxy?: TrustProxy }
   options: FastifyWstunnelOptions
   /** How many processes serve the port; 1 serves it from this one. */
   workers: number
@@ -56,10 +57,11 @@ function readConfig (file: string): Omit<GatewayConfig, 'workers'> {
   if (config === null || typeof config !== 'object' || Array.isArray(config)) throw new Error(`${file}: must hold a JSON object`)
   const { listen = {}, ...options } = config as { listen?: unknown }
   const problems: string[] = []
-  const { port = 8080, host = '127.0.0.1', ...unknown } = (typeof listen === 'object' && listen !== null ? listen : {}) as Record<string, unknown>
+  const { port = 8080, host = '127.0.0.1', trustProxy, ...unknown } = (typeof listen === 'object' && listen !== null ? listen : {}) as Record<string, unknown>
   if (typeof listen !== 'object' || listen === null) problems.push('listen: must be an object like { "port": 8080, "host": "127.0.0.1" }')
   if (!Number.isInteger(port) || (port as number) < 0 || (port as number) > 65535) problems.push('listen.port: must be an integer from 0 to 65535')
   if (typeof host !== 'string' || host === '') problems.push('listen.host: must be a host name or address')
+  if (trustProxy !== undefined && !isTrustProxy(trustProxy)) problems.push('listen.trustProxy: must be true, false, an address or CIDR, or a list of them (Fastify\'s trustProxy)')
   for (const key of Object.keys(unknown)) problems.push(`listen.${key}: is not a known option`)
   try {
     resolveOptions(options)
@@ -67,7 +69,21 @@ function readConfig (file: string): Omit<GatewayConfig, 'workers'> {
     problems.unshift(...(err as Error).message.split('\n').slice(1))
   }
   if (problems.length > 0) throw new Error(`${file}: invalid configuration:\n${problems.join('\n')}`)
-  return { listen: { port: port as number, host: host as string }, options: options as FastifyWstunnelOptions }
+  const trust = trustProxy === undefined ? {} : { trustProxy: trustProxy as TrustProxy }
+  return { listen: { port: port as number, host: host as string, ...trust }, options: options as FastifyWstunnelOptions }
+}
+
+type TrustProxy = boolean | string | string[]
+
+function isTrustProxy (value: unknown): value is TrustProxy {
+  return typeof value === 'boolean' || (typeof value === 'string' && value !== '') ||
+    (Array.isArray(value) && value.length > 0 && value.every(entry => typeof entry === 'string' && entry !== ''))
+}
+
+/** The longest a clean shutdown takes: every bridge's drain, then its client's closeTimeout. */
+function shutdownBound (options: FastifyWstunnelOptions): number {
+  const resolved = resolveOptions(options)
+  return resolved.drainTimeout + Math.max(0, ...resolved.routes.map(route => route.closeTimeout))
 }
 
 function parseListen (value: string): { port: number, host: string } {
@@ -87,17 +103,19 @@ export async function main (args: string[]): Promise<void> {
     process.exitCode = 2
     return
   }
+  const bound = shutdownBound(config.options)
   if (config.workers > 1 && cluster.isPrimary) {
-    runPrimary(config.workers)
+    runPrimary(config.workers, bound + 10000)
     return
   }
-  const app = Fastify({ logger: true })
+  const { trustProxy, ...listen } = config.listen
+  const app = Fastify({ logger: true, ...(trustProxy === undefined ? {} : { trustProxy }) })
   await app.register(wstunnel, config.options)
   // A worker may be signalled twice (by its primary, and by a Ctrl-C or systemd stop sent to the whole
   // process group), and close-with-grace exits at once on a second signal: a worker closes on the first and
   // ignores the others. Its primary bounds the wait.
   const signals: Array<'SIGINT' | 'SIGTERM'> = cluster.isWorker ? ['SIGINT', 'SIGTERM'] : []
-  const grace = closeWithGrace({ delay: 5000, skip: signals }, async ({ err }) => {
+  const grace = closeWithGrace({ delay: bound + 5000, skip: signals }, async ({ err }) => {
     if (err !== undefined) app.log.error({ err }, 'shutting down after an error')
     await app.close()
   })
@@ -108,5 +126,5 @@ export async function main (args: string[]): Promise<void> {
       closing = true
     })
   }
-  await app.listen(config.listen)
+  await app.listen(listen)
 }

@@ -1,5 +1,5 @@
 import { Socket } from 'node:net'
-import { ServerResponse } from 'node:http'
+import { ServerResponse, createServer } from 'node:http'
 import { Writable, type Duplex } from 'node:stream'
 import { once } from 'node:events'
 import WebSocket, { WebSocketServer } from 'ws'
@@ -133,11 +133,14 @@ export async function checkInternals (): Promise<typeof internals> {
 async function probe (onread: boolean): Promise<typeof internals> {
   const found = { clientOnread: false, wsFrames: false, releaseRequest: false }
   const signal = AbortSignal.timeout(2000)
-  const server = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false })
+  // exclusive: in a cluster worker, a shared port-0 handle would hand the probe's connection to any worker.
+  const http = createServer()
+  const server = new WebSocketServer({ server: http, perMessageDeflate: false })
   let client: WebSocket | undefined
   try {
-    await once(server, 'listening', { signal })
-    const { port } = server.address() as { port: number }
+    http.listen({ host: '127.0.0.1', port: 0, exclusive: true })
+    await once(http, 'listening', { signal })
+    const { port } = http.address() as { port: number }
     server.once('connection', (ws, request) => {
       ws.on('error', () => {}) // a frame that came through wrong is refused: that is the probe's answer
       // As @fastify/websocket does: a ServerResponse assigned to the upgraded socket.
@@ -184,6 +187,7 @@ async function probe (onread: boolean): Promise<typeof internals> {
     client?.terminate()
     for (const ws of server.clients) ws.terminate()
     server.close()
+    http.close()
   }
   found.clientOnread &&= found.wsFrames // the client reads are checked through the frames
   return found

@@ -4,12 +4,11 @@ import { hostname } from 'node:os'
 // A worker that dies is replaced, unless workers die this often: then the fault is not going away.
 const CRASH_LIMIT = 5
 const CRASH_WINDOW = 10000
-// How long the workers get to close their bridges after SIGTERM before they are killed.
-const STOP_TIMEOUT = 10000
 
 /** Forks `count` workers, each running the gateway on the port they share, and keeps them running until
- *  SIGTERM or SIGINT, then stops them. Exits the process: 0 when every worker closed cleanly in time, else 1. */
-export function runPrimary (count: number): void {
+ *  SIGTERM or SIGINT, then stops them, killing those still running after `stopTimeout` ms. Exits the process:
+ *  0 when every worker closed cleanly in time, else 1. */
+export function runPrimary (count: number, stopTimeout: number): void {
   const workers = new Set<Worker>()
   const deaths: number[] = []
   let stopping = false
@@ -47,9 +46,9 @@ export function runPrimary (count: number): void {
     // Each worker closes gracefully on SIGTERM (every bridge gets 1001) and exits.
     for (const worker of workers) worker.process.kill('SIGTERM')
     setTimeout(() => {
-      log(50, { workers: [...workers].map(worker => worker.process.pid) }, `wstunnel workers still running after ${STOP_TIMEOUT / 1000} s, killing them`)
+      log(50, { workers: [...workers].map(worker => worker.process.pid) }, `wstunnel workers still running after ${stopTimeout / 1000} s, killing them`)
       kill(1)
-    }, STOP_TIMEOUT)
+    }, stopTimeout)
   }
 
   function kill (code: number): void {

@@ -3,8 +3,9 @@ import assert from 'node:assert/strict'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { availableParallelism, tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { parseArguments } from '../lib/cli'
 import { openClient, receiveBytes, startEcho, waitFor } from './helpers'
 
 const BIN = join(__dirname, '..', 'bin', 'fastify-wstunnel.js')
@@ -112,4 +113,25 @@ test('--workers 1 (the default) serves from the one process, as without the flag
   const lines = output.split('\n').filter(line => line.startsWith('{')).map(line => JSON.parse(line) as { pid: number, msg: string })
   assert.ok(lines.some(line => line.msg === 'wstunnel bridge open'))
   assert.deepEqual(new Set(lines.map(line => line.pid)), new Set([child.pid]))
+})
+
+test('--workers is read anywhere on the line: a number, or auto for one per core', () => {
+  assert.equal(parseArguments(['8080', '127.0.0.1:5900']).workers, 1)
+  assert.equal(parseArguments(['--workers', '3', '8080', '127.0.0.1:5900']).workers, 3)
+  assert.equal(parseArguments(['8080', '--workers', 'auto', '127.0.0.1:5900']).workers, availableParallelism())
+  assert.deepEqual(parseArguments(['8080', '127.0.0.1:5900', '--workers', '2']).listen, { port: 8080, host: '127.0.0.1' })
+})
+
+test('a config file may give Fastify\'s trustProxy under listen; a bad one is a problem named with the rest', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'wstunnel-cli-trust-'))
+  try {
+    const good = join(dir, 'good.json')
+    writeFileSync(good, JSON.stringify({ listen: { port: 8080, trustProxy: '127.0.0.1' }, routes: { '/': { upstream: '127.0.0.1:5900' } } }))
+    assert.deepEqual(parseArguments(['--config', good]).listen, { port: 8080, host: '127.0.0.1', trustProxy: '127.0.0.1' })
+    const bad = join(dir, 'bad.json')
+    writeFileSync(bad, JSON.stringify({ listen: { trustProxy: 3 }, routes: { '/': { upstream: '127.0.0.1:5900' } } }))
+    assert.throws(() => parseArguments(['--config', bad]), /listen\.trustProxy: must be true, false, an address or CIDR, or a list of them/)
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
 })
