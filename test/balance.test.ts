@@ -1,9 +1,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { once } from 'node:events'
-import { spawn } from 'node:child_process'
-import { connect, createServer, type Server, type Socket } from 'node:net'
-import { openClient, startGateway, startTcp, waitFor, type Client, type TcpServer } from './helpers'
+import { createServer, type Server, type Socket } from 'node:net'
+import { deadPort, openClient, startGateway, startStalledListener, startTcp, waitFor, type Client, type TcpServer } from './helpers'
 import { RoutePool } from '../lib/upstream-pool'
 
 /** A TCP server that greets each connection with its name, then echoes. */
@@ -29,13 +28,6 @@ async function names (url: string, count: number, headers?: Record<string, strin
     ws.close()
   }
   return reached
-}
-
-/** A port nothing listens on. */
-async function deadPort (): Promise<number> {
-  const server = await startTcp()
-  await server.close()
-  return server.port
 }
 
 /** Listens again on a port a test server gave up. */
@@ -185,25 +177,12 @@ test('when every upstream refuses, the 502 says how many were tried; all down ar
 })
 
 test('an upstream that does not answer uses only its share of connectTimeout; the next one is reached in time', { timeout: 20000 }, async (t) => {
-  // A listener that never accepts, with its one-slot backlog taken: further connects hang.
-  const listener = spawn('python3', ['-c', [
-    'import socket, sys',
-    's = socket.socket()',
-    "s.bind(('127.0.0.1', 0))",
-    's.listen(0)',
-    'print(s.getsockname()[1], flush=True)',
-    'sys.stdin.read()'
-  ].join('\n')], { stdio: ['pipe', 'pipe', 'inherit'] })
-  const [line] = await once(listener.stdout, 'data') as [Buffer]
-  const silent = Number(line.toString())
-  const filler = connect(silent, '127.0.0.1')
-  filler.on('error', () => {})
-  await once(filler, 'connect')
+  const stalled = await startStalledListener()
+  const silent = stalled.port
   const good = await startNamed('good')
   const gateway = await startGateway({ routes: { '/t': { upstream: [`127.0.0.1:${silent}`, good.address], balance: 'first', connectTimeout: 1000 } } })
   t.after(async () => {
-    filler.destroy()
-    listener.stdin.end()
+    stalled.close()
     await good.close()
     await gateway.app.close()
   })

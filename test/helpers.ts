@@ -1,5 +1,6 @@
 import { once } from 'node:events'
-import { createServer, type Server, type Socket } from 'node:net'
+import { spawn } from 'node:child_process'
+import { connect, createServer, type Server, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import WebSocket, { type ClientOptions } from 'ws'
@@ -44,6 +45,37 @@ export async function startTcp (onSocket: (socket: Socket) => void = () => {}): 
     }
   }
   return tcp
+}
+
+/** A port nothing listens on: bind one, note it, close it. */
+export async function deadPort (): Promise<number> {
+  const server = await startTcp()
+  await server.close()
+  return server.port
+}
+
+/** A listener that never accepts, with its one-slot backlog taken: connects to `port` hang (a black hole). */
+export async function startStalledListener (): Promise<{ port: number, close: () => void }> {
+  const listener = spawn('python3', ['-c', [
+    'import socket, sys',
+    's = socket.socket()',
+    "s.bind(('127.0.0.1', 0))",
+    's.listen(0)',
+    'print(s.getsockname()[1], flush=True)',
+    'sys.stdin.read()'
+  ].join('\n')], { stdio: ['pipe', 'pipe', 'inherit'] })
+  const [line] = await once(listener.stdout, 'data') as [Buffer]
+  const port = Number(line.toString())
+  const filler = connect(port, '127.0.0.1')
+  filler.on('error', () => {})
+  await once(filler, 'connect')
+  return {
+    port,
+    close () {
+      filler.destroy()
+      listener.stdin.end()
+    }
+  }
 }
 
 /** An echo server: every byte comes back. */

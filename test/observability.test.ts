@@ -3,13 +3,7 @@ import assert from 'node:assert/strict'
 import { once } from 'node:events'
 import { createServer, type Socket } from 'node:net'
 import { Registry } from 'prom-client'
-import { closed, openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
-
-async function deadPort (): Promise<number> {
-  const server = await startTcp()
-  await server.close()
-  return server.port
-}
+import { closed, deadPort, openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
 
 test('stats() counts bridges, closes by code and side, refusals by reason, bytes each way and connect time', { timeout: 20000 }, async (t) => {
   const echo = await startEcho()

@@ -1,21 +1,13 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { openClient, receiveBytes, startEcho, startGateway, startTcp, waitFor } from './helpers'
+import { deadPort, openClient, receiveBytes, startEcho, startGateway, startStalledListener, startTcp, waitFor } from './helpers'
 import { connectUpstream, readUpstream } from '../lib/upstream'
-
-/** A port nothing listens on: bind one, note it, close it. */
-async function deadPort (): Promise<number> {
-  const server = await startTcp()
-  await server.close()
-  return server.port
-}
 
 test('a refused upstream answers HTTP 502 and no WebSocket opens', { timeout: 10000 }, async (t) => {
   const port = await deadPort()
@@ -31,24 +23,10 @@ test('a refused upstream answers HTTP 502 and no WebSocket opens', { timeout: 10
 })
 
 test('an upstream that does not answer within connectTimeout answers HTTP 504', { timeout: 10000 }, async (t) => {
-  // A listener that never accepts, with its one-slot backlog taken: further connects hang.
-  const listener = spawn('python3', ['-c', [
-    'import socket, sys',
-    's = socket.socket()',
-    "s.bind(('127.0.0.1', 0))",
-    's.listen(0)',
-    'print(s.getsockname()[1], flush=True)',
-    'sys.stdin.read()'
-  ].join('\n')], { stdio: ['pipe', 'pipe', 'inherit'] })
-  const [line] = await once(listener.stdout, 'data') as [Buffer]
-  const port = Number(line.toString())
-  const filler = connect(port, '127.0.0.1')
-  filler.on('error', () => {})
-  await once(filler, 'connect')
-  const gateway = await startGateway({ routes: { '/slow': { upstream: `127.0.0.1:${port}`, connectTimeout: 300 } } })
+  const stalled = await startStalledListener()
+  const gateway = await startGateway({ routes: { '/slow': { upstream: `127.0.0.1:${stalled.port}`, connectTimeout: 300 } } })
   t.after(async () => {
-    filler.destroy()
-    listener.stdin.end()
+    stalled.close()
     await gateway.app.close()
   })
 
