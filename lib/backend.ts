@@ -156,7 +156,11 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
         return
       }
       // If the upgrade never completes (client gone, handshake refused), the upstream goes too.
-      const onClientGone = (): void => { upstream.destroy() }
+      const onClientGone = (): void => {
+        upstream.destroy()
+        ;(request.raw as RawWithPending)[kRefusal] = 'client_gone' // ws drops the dead socket without a word
+        countRefusal(request.raw as RawWithPending)
+      }
       client?.once('close', onClientGone)
       ;(request.raw as RawWithPending)[kPending] = { upstream, target: entry.target, token, preambleLength, onClientGone }
     }

@@ -127,6 +127,9 @@ export class Bridge implements FrameTarget {
   resumeClient (): void {
     if (!this.clientPaused || this.draining) return
     this.clientPaused = false
+    // Its pongs were not read while it was paused: it gets a full interval from now before it is judged (a beat
+    // could otherwise come before its first read, and take it for dead).
+    this.alive = true
     this.ws.resume()
   }
 
@@ -175,7 +178,7 @@ export class Bridge implements FrameTarget {
   }
 
   /** Server shutdown: stops reading the client, lets the upstream's bytes flow on until it has been quiet for
-   *  DRAIN_QUIET ms (or drain.timeout has passed), then closes the client with drain.code (1001 or 1012) and
+   *  DRAIN_QUIET ms with the client caught up (or drain.timeout has passed), then closes the client with drain.code (1001 or 1012) and
    *  drops the upstream. A client that does not answer within closeTimeout is cut off, so that closing ends. */
   shutdown (): void {
     if (this.drainTimer !== null || this.shutdownTimer !== null) return
@@ -188,7 +191,10 @@ export class Bridge implements FrameTarget {
     let read = this.upstream.bytesRead
     const check = (): void => {
       const now = this.upstream.bytesRead
-      if (now === read || Date.now() >= deadline || this.upstream.destroyed || this.ws.readyState !== WebSocket.OPEN) {
+      // Quiet means nothing new read and nothing left to send: an upstream the bridge paused for a slow client
+      // reads nothing new either, yet has more to give.
+      const quiet = now === read && this.ws.bufferedAmount === 0
+      if (quiet || Date.now() >= deadline || this.upstream.destroyed || this.ws.readyState !== WebSocket.OPEN) {
         this.drainTimer = null
         this.closeForShutdown()
       } else {

@@ -75,10 +75,15 @@ async function fastifyWstunnel (fastify: FastifyInstance, rawOptions: FastifyWst
   if (!fastify.hasDecorator('wstunnel')) fastify.decorate('wstunnel', decorator(new Set()))
   const registrations = (fastify.wstunnel as WstunnelDecorator & { [kRegistrations]: Registrations })[kRegistrations]
   registrations.add(state)
-  fastify.addHook('onClose', (_instance, done) => {
+  fastify.addHook('onClose', async () => {
     for (const stop of state.stoppers) stop()
+    // The server has closed when the sockets have; each bridge's close line and counts come a moment later
+    // (ws reports a close after its socket's). Waited for, briefly, so that a process exiting next loses none.
+    const deadline = Date.now() + 1000
+    while ([...state.stats.values()].some(counters => counters.live.size > 0) && Date.now() < deadline) {
+      await new Promise(resolve => setTimeout(resolve, 5))
+    }
     registrations.delete(state)
-    done()
   })
   // An upgrade request answered over HTTP (401, 403, 502...) holds a socket the HTTP server no longer
   // manages. @fastify/websocket closes it only if its own onRequest hook ran, which a hook registered

@@ -17,6 +17,8 @@ export function runPrimary (count: number, stopTimeout: number): void {
   function fork (): void {
     const worker = cluster.fork()
     workers.add(worker)
+    // A worker gone while the primary answers its listen makes that answer fail (EPIPE): its 'exit' follows.
+    worker.on('error', (err: Error) => { log(40, { worker: worker.process.pid, err: err.message }, 'wstunnel worker error') })
     worker.on('exit', (code: number | null, signal: string | null) => {
       workers.delete(worker)
       if (stopping) {
@@ -65,8 +67,10 @@ export function runPrimary (count: number, stopTimeout: number): void {
     stop(0)
   }
 
+  // SIGHUP too: a single process (close-with-grace) drains on it, and so do the workers.
   process.on('SIGTERM', onSignal)
   process.on('SIGINT', onSignal)
+  process.on('SIGHUP', onSignal)
   log(30, { workers: count }, 'wstunnel starting workers')
   for (let i = 0; i < count; i++) fork()
 }

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import type { Socket } from 'node:net'
-import { closed, openClient, receiveBytes, startGateway, startTcp, waitFor } from './helpers'
+import { closed, listeningAt, openClient, receiveBytes, startGateway, startTcp, waitFor } from './helpers'
 
 /** Writes `bytes` to the socket and resolves once the kernel has taken them all. */
 function writeAll (socket: Socket, bytes: Buffer): Promise<void> {
@@ -67,15 +67,7 @@ test('SIGTERM to the command mid-stream: every byte the upstream wrote before th
     await server.close()
     rmSync(dir, { recursive: true, force: true })
   })
-  let output = ''
-  let base = ''
-  for await (const chunk of child.stdout) {
-    output += String(chunk)
-    const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
-    if (match !== null) { base = match[1]; break }
-  }
-  assert.ok(base !== '', `the gateway did not start: ${output}`)
-  child.stdout.resume()
+  const base = await listeningAt(child)
 
   const ws = await openClient(`${base.replace('http', 'ws')}/s`)
   await waitFor(() => upstream !== undefined)
@@ -103,4 +95,38 @@ test('a draining client is not taken for dead by the heartbeat: it still gets 10
   const closedWith = closed(ws)
   await gateway.app.close()
   assert.equal((await closedWith).code, 1001)
+})
+
+test('a drain waits for a slow client to take what its paused upstream still has, within drainTimeout', { timeout: 20000 }, async (t) => {
+  let upstream: Socket | undefined
+  const server = await startTcp(socket => { upstream = socket; socket.resume() })
+  t.after(() => server.close())
+  const gateway = await startGateway({ drainTimeout: 5000, routes: { '/s': { upstream: server.address } } })
+  const ws = await openClient(`${gateway.url}/s`)
+  await waitFor(() => upstream !== undefined)
+  const client = (ws as unknown as { _socket: Socket })._socket
+  client.pause() // the client stops reading: the gateway fills its 512 KiB and stops reading the upstream
+  const payload = randomBytes(24 * 1024 * 1024)
+  const written = writeAll(upstream!, payload) // more than the gateway and the kernel buffers hold
+  await new Promise(resolve => setTimeout(resolve, 300))
+  const closing = gateway.app.close()
+  await new Promise(resolve => setTimeout(resolve, 300)) // past the 50 ms quiet check, with the client still paused
+  client.resume()
+  await written
+  const received = await receiveBytes(ws, payload.length)
+  assert.ok(received.equals(payload), 'everything the upstream wrote reached the client')
+  await closing
+})
+
+test('after close() resolves, every bridge has logged its close line, also one whose client never answered', { timeout: 20000 }, async (t) => {
+  const echo = await startTcp(socket => { socket.resume() })
+  t.after(() => echo.close())
+  const gateway = await startGateway({ drainTimeout: 0, closeTimeout: 300, routes: { '/s': { upstream: echo.address } } })
+  const answering = await openClient(`${gateway.url}/s`)
+  const silent = await openClient(`${gateway.url}/s`)
+  ;(silent as unknown as { _socket: Socket })._socket.pause() // never reads the close frame, never answers it
+  await gateway.app.close()
+  assert.equal(gateway.logs.find('wstunnel bridge closed').length, 2)
+  answering.terminate()
+  silent.terminate()
 })

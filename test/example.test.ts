@@ -3,7 +3,7 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { join } from 'node:path'
-import { openClient, texts, waitFor } from './helpers'
+import { listeningAt, openClient, texts, waitFor } from './helpers'
 
 test('the example gateway serves its page and bridges the echo and chat backends', { timeout: 20000 }, async (t) => {
   const child = spawn(process.execPath, [join(__dirname, '..', 'example', 'gateway.js')], {
@@ -11,14 +11,7 @@ test('the example gateway serves its page and bridges the echo and chat backends
     stdio: ['ignore', 'pipe', 'inherit']
   })
   t.after(() => { child.kill('SIGKILL') })
-  let output = ''
-  let base = ''
-  for await (const chunk of child.stdout) {
-    output += String(chunk)
-    const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
-    if (match !== null) { base = match[1]; break }
-  }
-  assert.ok(base !== '', `the example did not start: ${output}`)
+  const base = await listeningAt(child)
 
   const page = await fetch(base + '/')
   assert.equal(page.status, 200)

@@ -1,5 +1,5 @@
 import { once } from 'node:events'
-import { spawn } from 'node:child_process'
+import { spawn, type ChildProcess } from 'node:child_process'
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
@@ -76,6 +76,21 @@ export async function startStalledListener (): Promise<{ port: number, close: ()
       listener.stdin.end()
     }
   }
+}
+
+/** Resolves with the address a started gateway process logs it listens at ('http://127.0.0.1:port'); rejects
+ *  with what it printed if it ends first. Its output goes on being read, so it never blocks on a full pipe. */
+export async function listeningAt (child: ChildProcess): Promise<string> {
+  let output = ''
+  for await (const chunk of child.stdout!) {
+    output += String(chunk)
+    const match = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output)
+    if (match !== null) {
+      child.stdout!.resume()
+      return match[1]
+    }
+  }
+  throw new Error(`the gateway did not start: ${output}`)
 }
 
 /** An echo server: every byte comes back. */

@@ -180,3 +180,21 @@ test('a client that resets its connection while its upstream connects is counted
   const refused = gateway.app.wstunnel.stats().routes['/g'].refused
   assert.equal(refused.client_gone + refused.upstream, 1, `counted once: ${JSON.stringify(refused)}`)
 })
+
+test('a client that closes normally while resolveUpstream runs is counted as gone, once', { timeout: 20000 }, async (t) => {
+  const echo = await startEcho()
+  const gateway = await startGateway({ routes: { '/r': { resolveUpstream: async () => { await new Promise(resolve => setTimeout(resolve, 150)); return echo.address } } } })
+  t.after(async () => { await gateway.app.close(); await echo.close() })
+  const { connect } = await import('node:net')
+  const client = connect(Number(new URL(gateway.url).port), '127.0.0.1')
+  client.on('error', () => {})
+  client.write('GET /r HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  await new Promise(resolve => setTimeout(resolve, 30))
+  client.end() // a FIN, not a reset
+  await waitFor(() => gateway.app.wstunnel.stats().routes['/r'].refused.client_gone === 1, 5000)
+  await new Promise(resolve => setTimeout(resolve, 300))
+  const stats = gateway.app.wstunnel.stats().routes['/r']
+  assert.equal(stats.refused.client_gone, 1)
+  assert.equal(stats.opened, 0)
+  assert.equal(echo.sockets.size, 0, 'the upstream connected for it is gone too')
+})
