@@ -151,15 +151,13 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
       const { socket: upstream, entry } = connected
       if (client?.destroyed === true) {
         upstream.destroy()
-        ;(request.raw as RawWithPending)[kRefusal] = 'client_gone'
-        countRefusal(request.raw as RawWithPending)
+        countGone(request.raw as RawWithPending)
         return
       }
       // If the upgrade never completes (client gone, handshake refused), the upstream goes too.
       const onClientGone = (): void => {
         upstream.destroy()
-        ;(request.raw as RawWithPending)[kRefusal] = 'client_gone' // ws drops the dead socket without a word
-        countRefusal(request.raw as RawWithPending)
+        countGone(request.raw as RawWithPending) // ws drops a dead socket without a word
       }
       client?.once('close', onClientGone)
       ;(request.raw as RawWithPending)[kPending] = { upstream, target: entry.target, token, preambleLength, onClientGone }
@@ -224,6 +222,13 @@ export async function backend (fastify: FastifyInstance, { routes, state, endpoi
       if (raw[kRefusal] === null) return // counted already
       counters.refuse(raw[kRefusal] ?? 'other')
       raw[kRefusal] = null
+    }
+
+    /** A handshake whose client left: counted as gone, unless it was counted already (refused, then closed). */
+    function countGone (raw: RawWithPending): void {
+      if (raw[kRefusal] === null) return
+      raw[kRefusal] = 'client_gone'
+      countRefusal(raw)
     }
 
     // Cheapest first; a route pays only for the checks it has.
