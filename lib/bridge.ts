@@ -178,8 +178,9 @@ export class Bridge implements FrameTarget {
   }
 
   /** Server shutdown: stops reading the client, lets the upstream's bytes flow on until it has been quiet for
-   *  DRAIN_QUIET ms with the client caught up (or drain.timeout has passed), then closes the client with drain.code (1001 or 1012) and
-   *  drops the upstream. A client that does not answer within closeTimeout is cut off, so that closing ends. */
+   *  DRAIN_QUIET ms with the client caught up (or drain.timeout has passed), then closes the client with
+   *  drain.code (1001 or 1012) and drops the upstream. A client that does not answer within closeTimeout is cut
+   *  off, so that closing ends. */
   shutdown (): void {
     if (this.drainTimer !== null || this.shutdownTimer !== null) return
     const { timeout } = this.context.drain

@@ -1,6 +1,5 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { get } from 'node:http'
@@ -8,7 +7,7 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import WebSocket from 'ws'
-import { openClient, receiveBytes, startEcho, waitFor, type Client } from './helpers'
+import { killGroup, openClient, receiveBytes, runGroup, startEcho, waitFor, type Client, type Running } from './helpers'
 
 // Debian's HAProxy in front of two gateway processes, run from example/haproxy/haproxy.cfg with the test's
 // ports: health checks on /health, connections spread over both, and a gateway killed outright.
@@ -16,42 +15,6 @@ import { openClient, receiveBytes, startEcho, waitFor, type Client } from './hel
 const HAPROXY = '/usr/sbin/haproxy'
 const BIN = join(__dirname, '..', 'bin', 'fastify-wstunnel.js')
 const EXAMPLE = join(__dirname, '..', 'example', 'haproxy', 'haproxy.cfg')
-
-interface Running {
-  child: ChildProcess
-  lines: Array<Record<string, unknown>>
-  output: () => string
-}
-
-/** Starts a command in its own process group, collecting its output and its JSON log lines. */
-function run (command: string, args: string[]): Running {
-  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true })
-  const lines: Array<Record<string, unknown>> = []
-  let text = ''
-  let partial = ''
-  child.stdout!.on('data', (chunk: Buffer) => {
-    text += String(chunk)
-    const parts = (partial + String(chunk)).split('\n')
-    partial = parts.pop()!
-    for (const part of parts) {
-      try {
-        lines.push(JSON.parse(part))
-      } catch {}
-    }
-  })
-  child.stderr!.on('data', (chunk: Buffer) => { text += String(chunk) })
-  return { child, lines, output: () => text }
-}
-
-/** Kills the process group, and waits for its leader to exit. */
-async function killGroup (running: Running): Promise<void> {
-  if (running.child.exitCode !== null || running.child.signalCode !== null) return
-  const exited = once(running.child, 'exit')
-  try {
-    process.kill(-running.child.pid!, 'SIGKILL')
-  } catch {}
-  await exited
-}
 
 /** Ports that were free a moment ago, distinct. */
 async function freePorts (count: number): Promise<number[]> {
@@ -124,7 +87,7 @@ test('HAProxy (example/haproxy/haproxy.cfg) spreads clients over two gateways an
 
   const file = join(dir, 'gateway.json')
   writeFileSync(file, JSON.stringify({ listen: { port: 0, host: '127.0.0.1' }, health: true, routes: { '/echo': { upstream: echo.address } } }))
-  const gateways = [run(process.execPath, [BIN, '--config', file]), run(process.execPath, [BIN, '--config', file])]
+  const gateways = [runGroup(process.execPath, [BIN, '--config', file]), runGroup(process.execPath, [BIN, '--config', file])]
   running.push(...gateways)
   const ports: number[] = []
   for (const gateway of gateways) {
@@ -148,7 +111,7 @@ test('HAProxy (example/haproxy/haproxy.cfg) spreads clients over two gateways an
   }
   config += `\nlisten stats\n    bind 127.0.0.1:${stats}\n    stats enable\n    stats uri /stats\n`
   writeFileSync(join(dir, 'haproxy.cfg'), config)
-  const haproxy = run(HAPROXY, ['-f', join(dir, 'haproxy.cfg'), '-db'])
+  const haproxy = runGroup(HAPROXY, ['-f', join(dir, 'haproxy.cfg'), '-db'])
   running.push(haproxy)
 
   // Both gateways pass the health check: GET /health answers 200.

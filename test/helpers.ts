@@ -93,6 +93,46 @@ export async function listeningAt (child: ChildProcess): Promise<string> {
   throw new Error(`the gateway did not start: ${output}`)
 }
 
+/** A command started in its own process group: its log lines (JSON parsed, other lines as { msg }), all it
+ *  printed, and its exit. */
+export interface Running {
+  child: ChildProcess
+  lines: Array<Record<string, unknown>>
+  output: () => string
+  exited: Promise<{ code: number | null, signal: string | null }>
+}
+
+/** Starts a command in its own process group, collecting its output and its log lines. */
+export function runGroup (command: string, args: string[]): Running {
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+  const lines: Array<Record<string, unknown>> = []
+  let text = ''
+  let partial = ''
+  child.stdout!.on('data', (chunk: Buffer) => {
+    text += String(chunk)
+    const parts = (partial + String(chunk)).split('\n')
+    partial = parts.pop()!
+    for (const part of parts) {
+      try {
+        lines.push(JSON.parse(part))
+      } catch {
+        lines.push({ msg: part })
+      }
+    }
+  })
+  child.stderr!.on('data', (chunk: Buffer) => { text += String(chunk) })
+  const exited = once(child, 'exit').then(([code, signal]) => ({ code, signal } as { code: number | null, signal: string | null }))
+  return { child, lines, output: () => text, exited }
+}
+
+/** Kills a started command's process group (it and every process it started), and waits for it to exit. */
+export async function killGroup (running: Running): Promise<void> {
+  try {
+    process.kill(-running.child.pid!, 'SIGKILL')
+  } catch {} // the whole group has exited already
+  await running.exited
+}
+
 /** An echo server: every byte comes back. */
 export function startEcho (): Promise<TcpServer> {
   return startTcp(socket => socket.pipe(socket))

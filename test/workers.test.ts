@@ -1,54 +1,22 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { closed, openClient, receiveBytes, startEcho, waitFor, type Client } from './helpers'
+import { closed, killGroup, openClient, receiveBytes, runGroup, startEcho, waitFor, type Client, type Running } from './helpers'
 
 // `--workers N`: real processes. The primary and its workers write JSON log lines to one stdout; each line
 // carries the pid of the process that wrote it, so the test tells the workers apart by their lines.
 
 const BIN = join(__dirname, '..', 'bin', 'fastify-wstunnel.js')
 
-interface Primary {
-  child: ChildProcess
-  lines: Array<Record<string, unknown>>
-  output: () => string
-  exited: Promise<{ code: number | null, signal: string | null }>
-}
+type Primary = Running
 
 /** Starts the command in its own process group, collecting its log lines. */
 function start (args: string[]): Primary {
-  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true })
-  const lines: Array<Record<string, unknown>> = []
-  let text = ''
-  let partial = ''
-  child.stdout!.on('data', (chunk: Buffer) => {
-    text += String(chunk)
-    const parts = (partial + String(chunk)).split('\n')
-    partial = parts.pop()!
-    for (const part of parts) {
-      try {
-        lines.push(JSON.parse(part))
-      } catch {
-        lines.push({ msg: part })
-      }
-    }
-  })
-  child.stderr!.on('data', (chunk: Buffer) => { text += String(chunk) })
-  const exited = once(child, 'exit').then(([code, signal]) => ({ code, signal } as { code: number | null, signal: string | null }))
-  return { child, lines, output: () => text, exited }
-}
-
-/** Kills the process group (the primary and every worker it forked), and waits for the primary to exit. */
-async function killGroup (primary: Primary): Promise<void> {
-  try {
-    process.kill(-primary.child.pid!, 'SIGKILL')
-  } catch {} // the whole group has exited already
-  await primary.exited
+  return runGroup(process.execPath, [BIN, ...args])
 }
 
 /** The pids that have logged that they listen, in order, and the URL they listen at. */
